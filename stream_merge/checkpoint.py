@@ -1,0 +1,104 @@
+"""The base checkpoint's layout: `model.safetensors.index.json` + shards, or one `model.safetensors`.
+
+Reads only the index and each shard's header, and cross-checks them: every index entry must be in the header
+of the shard it names and nowhere else, and shard names must be plain relative file names, so a crafted
+index cannot make us read or write outside the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import CheckpointFormatError, InputError
+from .records import BaseIndex, ShardHeader
+from .safetensors_io import read_header_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found", file=str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{what} is not valid JSON ({exc})", file=str(path),
+                         fix="re-download or fix the file") from None
+
+
+def check_shard_name(name: object, index_file: str) -> str:
+    """Accept only a relative path inside the checkpoint folder that ends in .safetensors."""
+    ok = isinstance(name, str) and name.endswith(".safetensors") and "\\" not in name
+    if ok:
+        p = PurePosixPath(name)
+        ok = (not p.is_absolute() and ".." not in p.parts and "." not in p.parts and "" not in name.split("/")
+              and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if not ok:
+        raise CheckpointFormatError(
+            f"index names an unsafe or invalid shard file {name!r}", file=index_file,
+            fix="shard entries must be plain relative *.safetensors names inside the checkpoint folder")
+    return name  # type: ignore[return-value]
+
+
+def read_index(root: Path, header_reader: Callable[[str], ShardHeader] | None = None,
+               config: dict | None = None, label: str | None = None) -> BaseIndex:
+    """Build the BaseIndex of a local folder. `header_reader(shard_name)` lets remote sources plug in
+    their own range-request reader; by default headers are read from `root`."""
+    label = label or str(root)
+    read = header_reader or (lambda name: read_header_file(root / name, name))
+    index_path = root / INDEX_NAME
+    if config is None and (root / "config.json").exists():
+        config = load_json(root / "config.json", "config.json")
+    if index_path.exists():
+        index = load_json(index_path, "checkpoint index")
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise CheckpointFormatError("index has no weight_map", file=str(index_path),
+                                        fix="re-download model.safetensors.index.json")
+        for tensor, shard in wmap.items():
+            check_shard_name(shard, str(index_path))
+        shard_names = sorted(set(wmap.values()))
+        headers = [read(name) for name in shard_names]
+        problems = []
+        seen: dict[str, str] = {}
+        for h in headers:
+            for t in h.tensors:
+                if t.name in seen:
+                    problems.append(f"tensor {t.name!r} is in both {seen[t.name]} and {h.file}")
+                seen[t.name] = h.file
+        for tensor, shard in wmap.items():
+            where = seen.get(tensor)
+            if where is None:
+                problems.append(f"index lists {tensor!r} in {shard} but no shard header has it")
+            elif where != shard:
+                problems.append(f"index puts {tensor!r} in {shard} but it is in {where}")
+        extra = sorted(set(seen) - set(wmap))
+        if extra:
+            problems.append(f"{len(extra)} tensor(s) in shard headers are missing from the index, e.g. "
+                            f"{extra[0]!r} in {seen[extra[0]]}")
+        if problems:
+            raise CheckpointFormatError(
+                "index and shard headers disagree: " + "; ".join(problems[:5])
+                + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+                file=str(index_path), fix="re-download the checkpoint (index and shards from one revision)")
+        meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        return BaseIndex(root=label, shards=tuple(headers), weight_map=dict(wmap), single_file=False,
+                         config=config, index_metadata=meta)
+    if (root / SINGLE_NAME).exists() or header_reader is not None:
+        h = read(SINGLE_NAME)
+        return BaseIndex(root=label, shards=(h,), weight_map={t.name: SINGLE_NAME for t in h.tensors},
+                         single_file=True, config=config)
+    others = sorted(p.name for p in root.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
+    if others:
+        raise InputError(
+            f"base has no safetensors weights, only {', '.join(others[:3])}", file=label,
+            fix="convert the checkpoint to safetensors (transformers save_pretrained(safe_serialization=True))")
+    if (root / "adapter_config.json").exists():
+        raise InputError("BASE is a PEFT adapter folder, not a model", file=label,
+                         fix="pass the base model first, then the adapter")
+    raise InputError(f"no {INDEX_NAME} or {SINGLE_NAME} in the base folder", file=label,
+                     fix="point BASE at a folder holding a safetensors checkpoint")

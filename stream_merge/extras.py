@@ -1,0 +1,96 @@
+"""The small files of an output folder: config.json (patched), tokenizer/processor/generation files,
+licence, model card, the stream_merge.json record and, last, the index. All written atomically."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import INDEX_NAME
+from .records import MergePlan, ShardResult, numel
+from .safetensors_io import write_file_atomic
+
+RECORD_NAME = "stream_merge.json"
+SIDE_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "LICENSE*", "NOTICE*", "USE_POLICY*",
+              "*.spm", "*.vocab")
+NOT_SIDE_FILES = (INDEX_NAME, "*.safetensors.index.json", "adapter_config.json", "stream_merge*.json",
+                  "pytorch_model*.json", "README.md")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "spiece.model")
+MAX_SIDE_FILE = 256 * 1024 * 1024
+
+
+def side_files(folder: Path) -> list[Path]:
+    """Top-level non-weight files worth carrying over (config, tokenizer, processor, code, licence)."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if (p.is_file() and not p.name.startswith(".") and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILES)
+                and not any(fnmatch.fnmatch(p.name, g) for g in NOT_SIDE_FILES) and p.stat().st_size <= MAX_SIDE_FILE):
+            out.append(p)
+    return out
+
+
+def patched_config(raw: bytes, updates: Mapping[str, Any]) -> bytes:
+    """config.json with `updates` applied (in text_config where the key lives there)."""
+    if not updates:
+        return raw
+    cfg = json.loads(raw)
+    for key, value in updates.items():
+        if key not in cfg and isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
+            cfg["text_config"][key] = value
+        else:
+            cfg[key] = value
+    return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
+def copy_side_files(base_dir: Path, adapter_dirs: Sequence[Path], out: Path, updates: Mapping[str, Any]) -> list[str]:
+    """Copy the base's side files, then the adapters' tokenizer files over them (fine-tunes that added tokens
+    ship their tokenizer with the adapter). Returns the names written."""
+    chosen: dict[str, Path] = {p.name: p for p in side_files(base_dir)}
+    for adir in adapter_dirs:
+        for name in TOKENIZER_FILES:
+            if (adir / name).is_file():
+                chosen[name] = adir / name
+    for name, src in chosen.items():
+        data = src.read_bytes()
+        if name == "config.json":
+            data = patched_config(data, updates)
+        write_file_atomic(out / name, data)
+    return sorted(chosen)
+
+
+def model_card(plan: MergePlan, base_label: str, adapter_labels: Sequence[str]) -> bytes:
+    adapters = "\n".join(f"- `{a}` (weight {s.weight:g})" for a, s in zip(adapter_labels, plan.adapters))
+    front = "\n".join(["---", f"base_model: {json.dumps(base_label)}", "library_name: transformers",
+                       "tags:", "- merge", "- lora", "- stream-merge", "---", ""])
+    body = (f"# Merged model\n\nThis checkpoint is `{base_label}` with these LoRA adapters merged into its weights "
+            f"(W' = W + scale·B·A) by stream-merge:\n\n{adapters}\n\n"
+            f"{plan.patched_tensors} tensors were changed and {plan.copied_tensors} copied unchanged. "
+            f"See `{RECORD_NAME}` for the exact inputs, options and per-shard sha256.\n")
+    return (front + body).encode()
+
+
+def index_json(plan: MergePlan) -> bytes:
+    weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
+    meta = dict(plan.base.index_metadata)
+    meta["total_size"] = sum(t.out_nbytes for s in plan.shards for t in s.tensors)
+    if "total_parameters" in meta:
+        meta["total_parameters"] = sum(numel(t.shape) for s in plan.shards for t in s.tensors)
+    return (json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n").encode()
+
+
+def write_record(out: Path, record: Mapping[str, Any]) -> None:
+    write_file_atomic(out / RECORD_NAME, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_index(out: Path, plan: MergePlan) -> None:
+    write_file_atomic(out / INDEX_NAME, index_json(plan))
+
+
+def shard_entries(results: Sequence[ShardResult]) -> list[dict[str, Any]]:
+    return [{"file": r.file, "size": r.size, "sha256": r.sha256, "patched": r.patched, "copied": r.copied}
+            for r in results]

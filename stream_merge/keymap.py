@@ -1,0 +1,214 @@
+"""Adapter key grammar and adapter-module -> base-tensor name resolution. Pure: strings in, strings out.
+
+Adapter keys name modules as they were in memory at training time; the checkpoint on disk may use another
+layout (VLM refactors, Mixtral's block_sparse_moe, wrapper prefixes). Names are therefore resolved by lookup
+in the base's tensor names: exact, then user rules, then a rename table, then a unique suffix match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PEFT_PREFIX = "base_model.model."
+LORA_MARKERS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B",
+                "lora_magnitude_vector": "magnitude"}
+
+# Layout renames tried when a name is not in the base (in-memory name -> on-disk name), both directions.
+RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^model\.language_model\.", "model."),            # Qwen2-VL / Qwen2.5-VL / Qwen3-VL (>= 4.52) -> legacy
+    (r"^model\.visual\.", "visual."),
+    (r"^model\.(?!language_model\.|visual\.|vision_tower\.|multi_modal_projector\.)", "model.language_model."),
+    (r"^visual\.", "model.visual."),
+    (r"^model\.language_model\.", "language_model.model."),  # LLaVA / Gemma 3 / Mistral3 legacy layout
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"\.mlp\.(?=experts\.\d+\.w[123]\.|gate\.)", ".block_sparse_moe."),  # Mixtral per-expert / router
+    (r"\.block_sparse_moe\.", ".mlp."),
+)
+
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One adapter tensor key, decoded.
+
+    role: A, B, B_bias, emb_A, emb_B, magnitude (DoRA), tokens (trainable tokens), nested (target_parameters
+    nesting), or replace (a full tensor replacing `<module>.<param>` of the base).
+    """
+
+    key: str
+    module: str
+    role: str
+    param: str | None = None
+    adapter_name: str | None = None
+
+    @property
+    def replace_target(self) -> str:
+        return f"{self.module}.{self.param}" if self.module else str(self.param)
+
+
+def parse_key(key: str) -> ParsedKey | str:
+    """Decode a key; returns an explanation string when the key is not something we understand."""
+    name = key
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    elif name.startswith("base_model."):
+        return "prefix 'base_model.' without '.model.' belongs to prompt-learning or another PEFT tuner"
+    seg = name.split(".")
+    for i, s in enumerate(seg):
+        if s in LORA_MARKERS:
+            role, module, rest = LORA_MARKERS[s], ".".join(seg[:i]), seg[i + 1:]
+            if not module:
+                return "LoRA key without a module path"
+            if module.endswith(".base_layer") or module == "base_layer":
+                return ParsedKey(key, module, "nested")
+            if role in ("A", "B"):
+                if len(rest) in (1, 2) and rest[-1] in ("weight", "bias"):
+                    if rest[-1] == "bias":
+                        if role == "A":
+                            return "lora_A has no bias in PEFT"
+                        role = "B_bias"
+                    return ParsedKey(key, module, role, adapter_name=rest[0] if len(rest) == 2 else None)
+                return f"unexpected suffix after {s}"
+            if role == "magnitude" and rest and rest[-1] == "weight":
+                rest = rest[:-1]
+            if len(rest) <= 1:
+                return ParsedKey(key, module, role, adapter_name=rest[0] if rest else None)
+            return f"unexpected suffix after {s}"
+    if "token_adapter" in seg:
+        return ParsedKey(key, ".".join(seg[:seg.index("token_adapter")]), "tokens")
+    if "original_module" in seg:
+        return "'original_module' keys are PEFT internals and are never saved by PEFT"
+    if "modules_to_save" in seg:
+        j = seg.index("modules_to_save")
+        if len(seg) > j + 2:
+            return ParsedKey(key, ".".join(seg[:j]), "replace", ".".join(seg[j + 2:]), adapter_name=seg[j + 1])
+        return "malformed modules_to_save key"
+    if "base_layer" in seg:
+        j = seg.index("base_layer")
+        rest = seg[j + 1:]
+        if not rest:
+            return "key ends in base_layer"
+        return ParsedKey(key, ".".join(seg[:j]), "replace", ".".join(rest))
+    if len(seg) < 2:
+        return ParsedKey(key, "", "replace", seg[0])
+    return ParsedKey(key, ".".join(seg[:-1]), "replace", seg[-1])
+
+
+def compile_patterns(patterns: Mapping[str, Any], field: str) -> list[tuple[re.Pattern[str], Any]]:
+    """PEFT's rank_pattern/alpha_pattern matching (peft >= 0.15): `(.*\\.)?(p)$`, first match in order."""
+    out = []
+    for p, v in patterns.items():
+        try:
+            out.append((re.compile(rf"(.*\.)?({p})$"), v))
+        except re.error as exc:
+            raise ValueError(f"{field} key {p!r} is not a valid regular expression ({exc})") from None
+    return out
+
+
+def pattern_value(compiled: Sequence[tuple[re.Pattern[str], Any]], module: str, default: Any) -> Any:
+    for rx, value in compiled:
+        if rx.match(module):
+            return value
+    return default
+
+
+def _layer_index(module: str, layers_pattern: Any) -> int | None:
+    pats = layers_pattern if isinstance(layers_pattern, list) else ([layers_pattern] if layers_pattern else [])
+    if not pats:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", module)
+        return int(m.group(1)) if m else None
+    for p in pats:
+        m = re.match(rf".*\.{p}\.(\d+)\.", module)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def peft_targets(module: str, target_modules: Any, exclude_modules: Any = None,
+                 layers_to_transform: Any = None, layers_pattern: Any = None) -> bool | None:
+    """Would PEFT put a LoRA layer on `module` given the config? None when the config cannot tell
+    (e.g. 'all-linear' depends on module classes)."""
+    def matches(spec: Any) -> bool | None:
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if spec == "all-linear":
+                return None
+            return re.fullmatch(spec, module) is not None
+        return module in spec or any(module.endswith("." + t) for t in spec)
+
+    if matches(exclude_modules):
+        return False
+    hit = matches(target_modules)
+    if hit is False:
+        return False
+    if layers_to_transform is not None:
+        wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+        idx = _layer_index(module, layers_pattern)
+        if idx is None or idx not in wanted:
+            return False
+    return hit
+
+
+def is_conv1d_module(module: str, model_type: str | None, fan_in_fan_out: bool) -> bool:
+    """HF Conv1D (weight stored (in, out)) vs nn.Linear, for square weights where shapes cannot tell."""
+    leaf = module.rsplit(".", 1)[-1]
+    if model_type:
+        return model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_LEAVES
+    return fan_in_fan_out
+
+
+class TargetResolver:
+    """Finds the on-disk tensor for an in-memory name: exact, user rules, rename table, unique suffix."""
+
+    def __init__(self, names: Collection[str], rules: Sequence[tuple[str, str]] = ()) -> None:
+        self.names = names
+        self.rules = [(re.compile(p), r) for p, r in rules]
+        self.renames = [(re.compile(p), r) for p, r in RENAMES]
+        self._suffixes: dict[str, list[str]] | None = None
+
+    def _suffix_index(self) -> dict[str, list[str]]:
+        if self._suffixes is None:
+            idx: dict[str, list[str]] = {}
+            for n in self.names:
+                parts = n.split(".")
+                for i in range(1, len(parts)):
+                    idx.setdefault(".".join(parts[i:]), []).append(n)
+            self._suffixes = idx
+        return self._suffixes
+
+    def resolve(self, name: str) -> tuple[str | None, str, list[str]]:
+        """(target or None, how it was found, ambiguous candidates)."""
+        if name in self.names:
+            return name, "exact", []
+        for rx, repl in self.rules:
+            if rx.search(name):
+                cand = rx.sub(repl, name)
+                if cand in self.names:
+                    return cand, f"key_map {rx.pattern!r}", []
+        hits = sorted({cand for rx, repl in self.renames
+                       if rx.search(name) and (cand := rx.sub(repl, name, count=1)) in self.names})
+        if len(hits) == 1:
+            return hits[0], "rename", []
+        if len(hits) > 1:
+            return None, "ambiguous", hits
+        longer = self._suffix_index().get(name, [])
+        parts = name.split(".")
+        shorter = [".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in self.names]
+        cands = sorted(set(longer) | set(shorter[:1]))
+        if len(cands) == 1:
+            return cands[0], "suffix", []
+        if cands:
+            return None, "ambiguous", cands
+        return None, "missing", []

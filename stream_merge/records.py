@@ -1,0 +1,293 @@
+"""Frozen values passed between stages: headers, adapters, the plan, results.
+
+Kept free of logic beyond derived fields so that `plan` can import it without importing any IO module, and
+so that a plan can be printed as JSON and fingerprinted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+# safetensors dtype code -> bytes per element
+DTYPE_SIZES: Mapping[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header; offsets are relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A parsed safetensors header. `tensors` keeps the header's JSON order."""
+
+    file: str
+    size: int
+    header_len: int
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, str] | None = None
+
+    @property
+    def data_offset(self) -> int:
+        return 8 + self.header_len
+
+    @cached_property
+    def by_name(self) -> Mapping[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+
+@dataclass(frozen=True)
+class BaseIndex:
+    """The base checkpoint as planning sees it: shard headers, weight map and config.json."""
+
+    root: str
+    shards: tuple[ShardHeader, ...]
+    weight_map: Mapping[str, str]
+    single_file: bool
+    config: Mapping[str, Any] | None
+    index_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return {t.name: t for s in self.shards for t in s.tensors}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+@dataclass(frozen=True)
+class AdapterTensor:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The merge-relevant fields of adapter_config.json, validated."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    lora_bias: bool = False
+    use_dora: bool = False
+    target_modules: Any = None
+    exclude_modules: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    modules_to_save: tuple[str, ...] = ()
+    trainable_token_indices: Any = None
+    ensure_weight_tying: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One PEFT adapter: where it is, its settings and the tensors its weight file holds (no data)."""
+
+    path: str
+    config_file: str
+    weights_file: str
+    settings: LoraSettings
+    tensors: tuple[AdapterTensor, ...]
+    raw_config: Mapping[str, Any]
+    weight: float = 1.0
+    label: str = ""
+
+    @cached_property
+    def by_key(self) -> Mapping[str, AdapterTensor]:
+        return {t.key: t for t in self.tensors}
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    """One adapter module's low-rank contribution to one base tensor.
+
+    kind: "linear" (W is (out,in)), "conv1d" (HF Conv1D, W is (in,out)), "embedding" (W is (vocab,dim))
+    or "bias" (lora_bias: b += lora_B.bias * scale).
+    """
+
+    module: str
+    target: str
+    kind: str
+    adapter: int
+    a_key: str | None
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float
+    weight: float = 1.0
+    double_round: bool = False
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full tensor from the adapter file that replaces the base tensor (modules_to_save, biases, saved
+    embedding layers); applied before any patch, cast to the output dtype."""
+
+    target: str
+    adapter: int
+    key: str
+    reason: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorInfo
+    replace: Replacement | None = None
+    patches: tuple[LoraPatch, ...] = ()
+
+    @property
+    def action(self) -> str:
+        if self.patches:
+            return "merge"
+        return "replace" if self.replace else "copy"
+
+    @property
+    def out_nbytes(self) -> int:
+        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What to do for one input shard; output shard has the same file name and tensor order."""
+
+    file: str
+    tensors: tuple[TensorPlan, ...]
+    in_bytes: int
+    header_unchanged: bool
+
+    @property
+    def out_data_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors)
+
+    @property
+    def touched(self) -> tuple[TensorPlan, ...]:
+        return tuple(t for t in self.tensors if t.action != "copy")
+
+
+@dataclass(frozen=True)
+class ModuleMapping:
+    adapter: int
+    module: str
+    target: str
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+    via: str
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    base: BaseIndex
+    adapters: tuple[AdapterSpec, ...]
+    shards: tuple[ShardPlan, ...]
+    mapping: tuple[ModuleMapping, ...]
+    config_updates: Mapping[str, Any]
+    warnings: tuple[str, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def patched_tensors(self) -> int:
+        return sum(len(s.touched) for s in self.shards)
+
+    @property
+    def copied_tensors(self) -> int:
+        return sum(len(s.tensors) - len(s.touched) for s in self.shards)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description (what `stream-merge plan --json` prints)."""
+        return {
+            "base": self.base.root,
+            "adapters": [{"path": a.path, "weight": a.weight, "weights_file": a.weights_file}
+                         for a in self.adapters],
+            "shards": [
+                {
+                    "file": s.file,
+                    "bytes": s.in_bytes,
+                    "tensors": len(s.tensors),
+                    "patched": [t.name for t in s.touched],
+                    "copied": len(s.tensors) - len(s.touched),
+                }
+                for s in self.shards
+            ],
+            "mapping": [dataclasses.asdict(m) for m in self.mapping],
+            "config_updates": dict(self.config_updates),
+            "warnings": list(self.warnings),
+            "problems": list(self.problems),
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the output bytes, for the journal."""
+        payload = {
+            "shards": [[s.file, [[t.name, t.dtype, list(t.shape), t.source.start, t.source.end,
+                                  dataclasses.asdict(t.replace) if t.replace else None,
+                                  [dataclasses.asdict(p) for p in t.patches]] for t in s.tensors]]
+                       for s in self.shards],
+            "config_updates": dict(self.config_updates),
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    file: str
+    size: int
+    sha256: str
+    patched: int
+    copied: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    output: str
+    plan: MergePlan
+    shards: tuple[ShardResult, ...]
+    seconds: float
+    peak_rss_bytes: int
+    dry_run: bool = False
+    resumed_shards: int = 0
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards)

@@ -1,0 +1,262 @@
+"""Orchestrates a merge: resolve -> plan -> checks -> journal -> shard loop -> side files -> record -> index.
+
+The index is written last, so its presence means the output is complete; the journal (one atomic rewrite per
+finished shard) makes any interruption resumable by re-running the same command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapter import AdapterReader, load_adapter
+from .checkpoint import INDEX_NAME, load_json, read_index
+from .compat import compatibility_findings
+from .config import MergeConfig
+from .errors import CompatibilityError, MergeInterrupted, OutputError, PlanError
+from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
+from .journal import JOURNAL_NAME, Journal, file_sha256, load_journal
+from .plan import PlanOptions, build_plan
+from .records import MergePlan, MergeReport, ShardResult
+from .safetensors_io import TMP_PREFIX, ShardReader, fsync_dir, write_file_atomic
+from .sources import Source, resolve_source
+from .worker import Compute, merge_shard
+
+log = logging.getLogger("stream_merge")
+LOCK_NAME = ".stream-merge.lock"
+Progress = Callable[[int, str], None]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_device(name: str) -> torch.device:
+    from .errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine", key="device",
+                              fix="use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)", key="device")
+    return dev
+
+
+def _file_digest(path: Path) -> str:
+    return file_sha256(path)
+
+
+def _inputs_record(base: Source, adapters: Sequence[Source], plan: MergePlan) -> dict[str, Any]:
+    """What identifies the inputs: shard sizes and header digests, adapter file digests, revisions."""
+    return {
+        "base": {"spec": base.spec, "path": str(base.path), "revision": base.revision,
+                 "shards": {s.file: {"size": s.size, "header_sha256": hashlib.sha256(
+                     repr([(t.name, t.dtype, t.shape, t.start, t.end) for t in s.tensors]).encode()).hexdigest()}
+                     for s in plan.base.shards}},
+        "adapters": [{"spec": src.spec, "path": spec.path, "revision": src.revision, "weight": spec.weight,
+                      "config_sha256": _file_digest(Path(spec.config_file)),
+                      "weights_sha256": _file_digest(Path(spec.weights_file)),
+                      "base_model_name_or_path": spec.raw_config.get("base_model_name_or_path"),
+                      "adapter_revision": spec.raw_config.get("revision")}
+                     for src, spec in zip(adapters, plan.adapters)],
+    }
+
+
+def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
+    o = out.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise OutputError(f"output folder {str(out)!r} overlaps input {str(p)!r}", file=str(out),
+                              fix="choose an output folder outside the base and adapter folders")
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    fd = os.open(out / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError("another stream-merge is writing to this output folder", file=str(out),
+                              fix="wait for it to finish, or use another -o") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clean_stale_temps(out: Path) -> int:
+    n = 0
+    for p in out.glob(TMP_PREFIX + "*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _prepare_journal(out: Path, plan: MergePlan, fingerprint: str, inputs: dict[str, Any], options: dict[str, Any],
+                     fresh: bool) -> Journal:
+    """Reuse a matching journal, refuse a mismatching one (unless --fresh), or start a new one."""
+    journal = load_journal(out) if not fresh else None
+    ours = {s.file for s in plan.shards} | {INDEX_NAME, RECORD_NAME, JOURNAL_NAME}
+    if fresh:
+        for name in ours:
+            (out / name).unlink(missing_ok=True)
+    elif journal is None:
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not p.name.startswith(TMP_PREFIX))
+        if foreign:
+            raise OutputError(f"output folder is not empty and holds no stream-merge journal ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''})", file=str(out),
+                              fix="use an empty or new folder, or --fresh to overwrite")
+    elif journal.fingerprint != fingerprint:
+        raise OutputError("output folder holds a merge of other inputs or options", file=str(out),
+                          fix="re-run with the original command to resume it, or add --fresh to start over")
+    if journal is None:
+        journal = Journal(fingerprint=fingerprint, inputs=inputs, options=options, tool_version=__version__)
+    return journal
+
+
+def _shard_done(out: Path, journal: Journal, file: str) -> ShardResult | None:
+    entry = journal.shards.get(file)
+    path = out / file
+    if not entry or not path.exists() or path.stat().st_size != entry["size"]:
+        return None
+    if file_sha256(path) != entry["sha256"]:
+        return None
+    return ShardResult(file=file, size=entry["size"], sha256=entry["sha256"], patched=entry["patched"],
+                       copied=entry["copied"], seconds=0.0)
+
+
+def _check_disk(out: Path, plan: MergePlan, todo: Sequence[str]) -> None:
+    sizes = {s.file: s.in_bytes - sum(t.source.nbytes for t in s.tensors) + s.out_data_bytes for s in plan.shards}
+    need = sum(sizes[f] for f in todo) + (max(sizes.values()) if sizes else 0)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise OutputError(f"not enough free disk space: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed "
+                          "(what is left to write plus one shard of headroom)", file=str(out),
+                          fix="free some space or choose another output folder; finished shards are kept")
+
+
+def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[str]]:
+    """Resolve the inputs and build the plan; no writes. Raises PlanError listing every problem."""
+    base_src = resolve_source(cfg.base, "BASE")
+    adapter_srcs = [resolve_source(a, "ADAPTER") for a in cfg.adapters]
+    base = read_index(base_src.path, label=cfg.base)
+    specs = [load_adapter(src.path, weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
+             for src, w in zip(adapter_srcs, cfg.adapter_weights)]
+    plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict))
+    findings: list[str] = []
+    for src, spec in zip(adapter_srcs, specs):
+        model_cfg_path = Path(spec.path) / "config.json"
+        model_cfg = load_json(model_cfg_path, "adapter's config.json") if model_cfg_path.exists() else None
+        findings += compatibility_findings(cfg.base, base.config, src.spec, spec.raw_config, model_cfg)
+    if plan.problems:
+        raise PlanError(plan.problems)
+    if findings and cfg.strict:
+        raise CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
+    for w in list(plan.warnings) + findings:
+        log.warning("%s", w)
+    return plan, base_src, adapter_srcs, findings
+
+
+def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
+    """Run a merge (or only plan it with dry_run) and return the report."""
+    t0 = time.perf_counter()
+    plan, base_src, adapter_srcs, findings = plan_merge(cfg)
+    if cfg.dry_run or cfg.output is None:
+        return MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
+                           peak_rss_bytes=peak_rss_bytes(), dry_run=True)
+    out = Path(cfg.output).expanduser()
+    _check_output_location(out, [base_src.path] + [s.path for s in adapter_srcs])
+    device = resolve_device(cfg.device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
+    options = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k in ("weights", "key_map", "check_finite", "strict")}
+    inputs = _inputs_record(base_src, adapter_srcs, plan)
+    fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
+                                       [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],
+                                       sorted(options.items()), __version__.split(".")[0])).encode()).hexdigest()
+    with _locked(out):
+        _clean_stale_temps(out)
+        journal = _prepare_journal(out, plan, fingerprint, inputs, options, cfg.fresh)
+        (out / INDEX_NAME).unlink(missing_ok=True)  # "complete" only once everything below is done
+        done = {s.file: r for s in plan.shards if (r := _shard_done(out, journal, s.file)) is not None}
+        journal.shards = {f: e for f, e in journal.shards.items() if f in done}
+        journal.save(out)
+        todo = [s.file for s in plan.shards if s.file not in done]
+        _check_disk(out, plan, todo)
+        compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024, check_finite=cfg.check_finite)
+        results = _merge_shards(plan, base_src.path, out, journal, done, compute, progress)
+        side = copy_side_files(base_src.path, [Path(a.path) for a in plan.adapters], out, plan.config_updates)
+        labels = [s.spec for s in adapter_srcs]
+        write_file_atomic(out / "README.md", model_card(plan, cfg.base, labels))
+        write_record(out, {
+            "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
+            "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
+            "compatibility": findings, "warnings": list(plan.warnings), "side_files": side,
+            "shards": shard_entries(results),
+        })
+        write_index(out, plan)
+        fsync_dir(out)
+        (out / LOCK_NAME).unlink(missing_ok=True)
+    return MergeReport(output=str(out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
+                       peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(done))
+
+
+def _merge_shards(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, done: dict[str, ShardResult],
+                  compute: Compute, progress: bool | Progress) -> list[ShardResult]:
+    adapters = [AdapterReader(spec) for spec in plan.adapters]
+    results: list[ShardResult] = []
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+
+        total = sum(s.out_data_bytes for s in plan.shards if s.file not in done)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+        progress = lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))  # noqa: E731
+    elif not progress:
+        progress = lambda n, f: None  # noqa: E731
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would change the bits (PEFT_SEMANTICS §0)
+    try:
+        for shard in plan.shards:
+            if shard.file in done:
+                results.append(done[shard.file])
+                continue
+            header = next(h for h in plan.base.shards if h.file == shard.file)
+            with ShardReader(base_dir / shard.file, header) as reader:
+                res = merge_shard(shard, reader, adapters, out / shard.file, compute,
+                                  lambda n, f=shard.file: progress(n, f))
+            journal.shards[shard.file] = {"size": res.size, "sha256": res.sha256, "patched": res.patched,
+                                          "copied": res.copied}
+            journal.save(out)
+            results.append(res)
+    except KeyboardInterrupt:
+        raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
+                               fix="re-run the same command to resume") from None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        for a in adapters:
+            a.close()
+        if bar is not None:
+            bar.close()
+    return results

@@ -1,0 +1,284 @@
+"""safetensors on disk: strict header parsing, byte-range reads, and an atomic, hashing shard writer.
+
+We parse headers ourselves (8-byte little-endian length + JSON) so that planning reads a few KiB per shard
+and every malformed file is caught with a message naming it, before anything is written. Tensor data is
+read with positioned reads into reusable buffers: nothing is memory-mapped, so RSS stays at one block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointFormatError, OutputError
+from .records import DTYPE_SIZES, ShardHeader, TensorInfo, numel
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+TMP_PREFIX = ".stream-merge-tmp."
+
+TORCH_DTYPES: Mapping[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_CODES: Mapping[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def _sniff(head: bytes) -> str | None:
+    """Name what a non-safetensors file most likely is, from its first bytes."""
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer file, not the real weights (run `git lfs pull` or download the file again)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a PyTorch .bin/.pt checkpoint renamed to .safetensors?)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (a PyTorch .bin checkpoint renamed to .safetensors?)"
+    return None
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate tensor name {k!r} in the header")
+        out[k] = v
+    return out
+
+
+def _bad(label: str, what: str, tensor: str | None = None) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"not a valid safetensors file: {what}", file=label, tensor=tensor,
+        fix="re-download or re-export this file; stream-merge never repairs inputs",
+    )
+
+
+def parse_header(head: bytes, file_size: int, label: str) -> ShardHeader:
+    """Validate and parse a safetensors header. `head` must hold at least the first 8 + N bytes (or the
+    whole file when it is shorter); `label` names the file in errors."""
+    if file_size < 8:
+        kind = _sniff(head)
+        raise _bad(label, kind or f"only {file_size} bytes (truncated or empty)")
+    (n,) = struct.unpack("<Q", head[:8])
+    kind = _sniff(head[:64])
+    if kind:
+        raise _bad(label, f"the file is {kind}")
+    if n == 0:
+        raise _bad(label, "header length is 0 (zero-filled or corrupt file)")
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise _bad(label, f"header claims {n} bytes but the file has {file_size} (truncated or not safetensors)")
+    raw = head[8:8 + n]
+    if len(raw) < n:
+        raise ValueError("parse_header needs the whole header")
+    try:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("the header is not a JSON object")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(label, f"unreadable header JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise _bad(label, "the header is not a JSON object")
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise _bad(label, "__metadata__ must map strings to strings")
+    tensors = []
+    for name, entry in obj.items():
+        if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise _bad(label, f"tensor name {name!r} is empty or holds control characters")
+        if not isinstance(entry, dict):
+            raise _bad(label, "header entry is not an object", name)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise _bad(label, f"unknown dtype {dtype!r}", name)
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise _bad(label, f"bad shape {shape!r}", name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise _bad(label, f"bad data_offsets {offsets!r}", name)
+        if offsets[1] - offsets[0] != numel(tuple(shape)) * DTYPE_SIZES[dtype]:
+            raise _bad(label, f"data_offsets {offsets} do not fit shape {shape} of {dtype}", name)
+        tensors.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    data_len = file_size - 8 - n
+    pos = 0
+    for t in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if t.start != pos:
+            what = "overlaps the previous tensor" if t.start < pos else f"leaves a gap of {t.start - pos} bytes"
+            raise _bad(label, f"data_offsets {[t.start, t.end]} {what}", t.name)
+        pos = t.end
+    if pos > data_len:
+        raise _bad(label, f"tensor data needs {pos} bytes but the file holds {data_len} (truncated)")
+    if pos < data_len:
+        raise _bad(label, f"{data_len - pos} unexpected trailing bytes after the last tensor")
+    return ShardHeader(file=label, size=file_size, header_len=n, tensors=tuple(tensors), metadata=metadata)
+
+
+def read_header_file(path: Path, label: str | None = None) -> ShardHeader:
+    """Read only the header of a local safetensors file."""
+    label = label or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                if 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                    head += f.read(n)
+                else:
+                    head += f.read(56)
+    except FileNotFoundError:
+        raise CheckpointFormatError("file not found", file=str(path), fix="check the path") from None
+    except OSError as exc:
+        raise CheckpointFormatError(f"cannot read file ({exc.strerror})", file=str(path)) from None
+    header = parse_header(head, size, label)
+    return header
+
+
+def header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...], int, int]],
+                 metadata: Mapping[str, str] | None) -> bytes:
+    """Serialise a header exactly as the safetensors library does: compact JSON, `__metadata__` first,
+    padded with spaces to a multiple of 8. `entries` are (name, dtype, shape, start, end) in header order."""
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    for name, dtype, shape, start, end in entries:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardReader:
+    """Positioned reads from one safetensors file (thread-safe: os.preadv on a shared fd)."""
+
+    def __init__(self, path: Path, header: ShardHeader) -> None:
+        self.path = path
+        self.header = header
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointFormatError(f"cannot open ({exc.strerror})", file=str(path)) from None
+        actual = os.fstat(self._fd).st_size
+        if actual != header.size:
+            os.close(self._fd)
+            raise CheckpointFormatError(
+                f"file changed since planning ({header.size} -> {actual} bytes)", file=str(path),
+                fix="do not modify inputs during a merge; re-run")
+
+    def raw_header(self) -> bytes:
+        """The file's own 8-byte length + header bytes, for output shards whose header is unchanged."""
+        buf = bytearray(self.header.data_offset)
+        self._pread(0, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, data_offset: int, buf: memoryview) -> None:
+        """Fill `buf` from the data section at `data_offset`."""
+        self._pread(self.header.data_offset + data_offset, buf)
+
+    def _pread(self, pos: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            got = os.preadv(self._fd, [buf[done:]], pos + done)
+            if got == 0:
+                raise CheckpointFormatError("unexpected end of file while reading", file=str(self.path))
+            done += got
+
+    def read_rows(self, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of a tensor (along dim 0) as a new CPU tensor of its dtype."""
+        row_elems = numel(info.shape[1:])
+        itemsize = DTYPE_SIZES[info.dtype]
+        buf = bytearray((r1 - r0) * row_elems * itemsize)
+        if buf:
+            self.read_into(info.start + r0 * row_elems * itemsize, memoryview(buf))
+        t = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]) if buf else torch.empty(
+            0, dtype=TORCH_DTYPES[info.dtype])
+        return t.reshape((r1 - r0, *info.shape[1:])) if info.shape else t.reshape(())
+
+    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+        if not info.shape:
+            return self.read_rows(TensorInfo(info.name, info.dtype, (1,), info.start, info.end), 0, 1).reshape(())
+        return self.read_rows(info, 0, info.shape[0])
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """Write a file through a temp file in the same folder; `commit` fsyncs and renames it into place.
+
+    The sha256 and size of everything written are tracked, so the journal never re-reads output.
+    Leaving the context without commit removes the temp file.
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.parent / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.hash = hashlib.sha256()
+        self.size = 0
+        try:
+            self._f = open(self.tmp, "xb", buffering=0)
+        except OSError as exc:
+            raise OutputError(f"cannot create a file in the output folder ({exc.strerror})",
+                              file=str(self.tmp)) from None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        self.hash.update(mv)
+        self.size += mv.nbytes
+        while mv:
+            n = self._f.write(mv)
+            mv = mv[n:]
+
+    def commit(self) -> tuple[int, str]:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return self.size, self.hash.hexdigest()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self.tmp.exists():
+            self.abort()
+
+
+def write_file_atomic(path: Path, data: bytes) -> str:
+    """Publish a small file atomically; returns its sha256."""
+    with AtomicFile(path) as f:
+        f.write(data)
+        return f.commit()[1]

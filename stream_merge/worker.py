@@ -1,0 +1,124 @@
+"""Merges one shard: the only place where file IO meets the LoRA math.
+
+Untouched tensors move as raw byte ranges through one reusable buffer; patched tensors are processed in row
+blocks sized by `block_bytes`, so memory is one block plus the adapter factors of one module, whatever the
+shard or tensor size. The output is written through an AtomicFile and hashed on the way out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import AdapterReader
+from .errors import NonFiniteError
+from .lora import apply_delta, combine, delta_rows
+from .records import ShardPlan, ShardResult, TensorPlan, numel
+from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes
+
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass
+class Compute:
+    """Where and how big: the device for the fp32 math and the row-block budget in bytes of fp32."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    block_bytes: int = 64 * 1024 * 1024
+    check_finite: bool = True
+
+
+def _out_header(shard: ShardPlan, reader: ShardReader) -> bytes:
+    if shard.header_unchanged:
+        return reader.raw_header()
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for t in sorted(shard.tensors, key=lambda t: (t.source.start, t.source.end)):
+        offsets[t.name] = (pos, pos + t.out_nbytes)
+        pos += t.out_nbytes
+    return header_bytes([(t.name, t.dtype, t.shape, *offsets[t.name]) for t in shard.tensors],
+                        reader.header.metadata)
+
+
+def _load_factor(adapters: Sequence[AdapterReader], adapter: int, key: str, device: torch.device) -> torch.Tensor:
+    t = adapters[adapter].tensor(key).to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError("adapter tensor holds NaN or Inf", file=adapters[adapter].spec.weights_file, key=key,
+                             fix="the adapter is corrupt or training diverged; use an earlier checkpoint")
+    return t
+
+
+def _merge_tensor(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out: AtomicFile,
+                  compute: Compute, on_bytes: Callable[[int], None]) -> None:
+    dtype = TORCH_DTYPES[tp.dtype]
+    dev = compute.device
+    shape = tp.shape if tp.shape else (1,)
+    rows, row_elems = shape[0], numel(shape[1:])
+    factors = [(p, _load_factor(adapters, p.adapter, p.a_key, dev) if p.a_key else None,
+                _load_factor(adapters, p.adapter, p.b_key, dev)) for p in tp.patches]
+    double = len(tp.patches) == 1 and tp.patches[0].weight == 1.0 and tp.patches[0].double_round
+    block_rows = max(1, compute.block_bytes // max(1, row_elems * 4))
+    for r0 in range(0, rows, block_rows):
+        r1 = min(rows, r0 + block_rows)
+        if tp.replace is not None:
+            rep = adapters[tp.replace.adapter]
+            src = rep.rows(tp.replace.key, r0, r1) if tp.shape else rep.tensor(tp.replace.key).reshape(1)
+            w = src.to(dtype)
+        else:
+            w = reader.read_rows(tp.source, r0, r1) if tp.shape else reader.read_tensor(tp.source).reshape(1)
+        if factors:
+            wd = w.to(dev)
+            delta = combine([(delta_rows(p.kind, a, b, p.scale, r0, r1), p.weight) for p, a, b in factors])
+            merged = apply_delta(wd, delta, double)
+            if compute.check_finite:
+                bad = ~torch.isfinite(merged)
+                if bool(bad.any()) and bool((bad & torch.isfinite(wd)).any()):
+                    raise NonFiniteError(
+                        f"merged tensor has NaN/Inf in rows {r0}..{r1} where the base was finite "
+                        f"(overflow of {tp.dtype}?)", tensor=tp.name,
+                        fix="check the adapter's scale and weights; merge into a wider dtype")
+            w = merged.to("cpu")
+        data = w.contiguous().reshape(-1).view(torch.uint8)
+        buf = bytearray(data.numel())
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(data) if buf else None
+        out.write(buf)
+        on_bytes(len(buf))
+
+
+def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader],
+                out_path: Path, compute: Compute, on_bytes: Callable[[int], None] = lambda n: None) -> ShardResult:
+    """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
+    t0 = time.perf_counter()
+    buf = bytearray(COPY_CHUNK)
+    mv = memoryview(buf)
+    with AtomicFile(out_path) as out:
+        out.write(_out_header(shard, reader))
+        ordered = sorted(shard.tensors, key=lambda t: (t.source.start, t.source.end))
+        i = 0
+        while i < len(ordered):
+            tp = ordered[i]
+            if tp.action != "copy":
+                _merge_tensor(tp, reader, adapters, out, compute, on_bytes)
+                i += 1
+                continue
+            start = tp.source.start
+            end = tp.source.end
+            while i + 1 < len(ordered) and ordered[i + 1].action == "copy":
+                i += 1
+                end = ordered[i].source.end
+            i += 1
+            pos = start
+            while pos < end:
+                n = min(COPY_CHUNK, end - pos)
+                reader.read_into(pos, mv[:n])
+                out.write(mv[:n])
+                on_bytes(n)
+                pos += n
+        size, sha = out.commit()
+    touched = len(shard.touched)
+    return ShardResult(file=shard.file, size=size, sha256=sha, patched=touched,
+                       copied=len(shard.tensors) - touched, seconds=time.perf_counter() - t0)
