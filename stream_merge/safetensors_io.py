@@ -219,6 +219,15 @@ class ShardReader:
         self.close()
 
 
+def tensor_bytes(t: torch.Tensor) -> bytearray:
+    """A tensor's raw little-endian bytes in a fresh buffer (no numpy needed, works for bf16/fp8)."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    buf = bytearray(flat.numel())
+    if buf:
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(flat)
+    return buf
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -18,7 +18,7 @@ from .adapter import AdapterReader
 from .errors import NonFiniteError
 from .lora import apply_delta, combine, delta_rows
 from .records import ShardPlan, ShardResult, TensorPlan, numel
-from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes
+from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes, tensor_bytes
 
 COPY_CHUNK = 16 * 1024 * 1024
 
@@ -82,9 +82,7 @@ def _merge_tensor(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapte
                         f"(overflow of {tp.dtype}?)", tensor=tp.name,
                         fix="check the adapter's scale and weights; merge into a wider dtype")
             w = merged.to("cpu")
-        data = w.contiguous().reshape(-1).view(torch.uint8)
-        buf = bytearray(data.numel())
-        torch.frombuffer(buf, dtype=torch.uint8).copy_(data) if buf else None
+        buf = tensor_bytes(w)
         out.write(buf)
         on_bytes(len(buf))
 

@@ -730,10 +730,10 @@ class _Handler(BaseHTTPRequestHandler):
             for _ in self._iter_body():  # drain an unread request body so the connection stays usable
                 pass
         entry = self._entry
-        entry.status = status
         for fault in self._faults:
             if fault.kind == "drop" and fault.after_bytes is None:
                 self._drop_now(entry)
+        entry.status = status
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
