@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __version__ = "0.1.0"
@@ -19,7 +20,7 @@ def merge(base: str, adapter: "str | list[str] | tuple[str, ...]", output: "str 
     from .config import build_config, load_yaml
     from .runner import run
 
-    adapters = [adapter] if isinstance(adapter, str) else list(adapter)
+    adapters = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
     cfg = build_config(load_yaml(config) if config else None, base=str(base), adapters=[str(a) for a in adapters],
                        output=None if output is None else str(output), **options)
     return run(cfg, progress=progress)
@@ -30,7 +31,7 @@ def plan(base: str, adapter: "str | list[str]", **options: Any) -> "MergePlan":
     from .config import build_config
     from .runner import plan_merge
 
-    adapters = [adapter] if isinstance(adapter, str) else list(adapter)
+    adapters = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
     cfg = build_config(base=str(base), adapters=[str(a) for a in adapters], **options)
     return plan_merge(cfg)[0]
 

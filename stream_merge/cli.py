@@ -30,8 +30,9 @@ def _key_map(values: Sequence[str] | None) -> list[list[str]] | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base checkpoint folder (model.safetensors.index.json + shards, or model.safetensors)")
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapter folder(s)")
+    p.add_argument("base", nargs="?", metavar="BASE",
+                   help="base checkpoint folder (model.safetensors.index.json + shards, or model.safetensors)")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT LoRA adapter folder(s)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags (flags win)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default 1.0)")
     p.add_argument("--key-map", action="append", metavar="REGEX=REPLACEMENT",
@@ -74,6 +75,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             "check_finite")
     opts = {k: getattr(args, k, None) for k in keys}
     opts["key_map"] = _key_map(args.key_map)
+    opts["base"] = args.base
+    opts["adapters"] = args.adapters or None
     return opts
 
 
@@ -104,8 +107,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import PlanOptions, build_plan
     from .runner import plan_merge
 
-    cfg = build_config(load_yaml(args.config) if args.config else None, base=args.base, adapters=args.adapters,
-                       **_options(args))
+    cfg = build_config(load_yaml(args.config) if args.config else None, **_options(args))
     try:
         plan = plan_merge(cfg)[0]
     except PlanError:
@@ -135,8 +137,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .runner import run
 
-    cfg = build_config(load_yaml(args.config) if args.config else None, base=args.base, adapters=args.adapters,
-                       **_options(args))
+    cfg = build_config(load_yaml(args.config) if args.config else None, **_options(args))
     if cfg.output is None and not cfg.dry_run:
         raise ConfigError("no output folder", fix="pass -o OUT (or --dry-run to only check)")
     report = run(cfg, progress=not args.quiet)

@@ -43,7 +43,8 @@ class ParsedKey:
     """One adapter tensor key, decoded.
 
     role: A, B, B_bias, emb_A, emb_B, magnitude (DoRA), tokens (trainable tokens), nested (target_parameters
-    nesting), or replace (a full tensor replacing `<module>.<param>` of the base).
+    nesting), replace (a full tensor replacing `<module>.<param>` of the base) or original (the untrained
+    module a modules_to_save wrapper keeps; never merged).
     """
 
     key: str
@@ -87,13 +88,17 @@ def parse_key(key: str) -> ParsedKey | str:
             return f"unexpected suffix after {s}"
     if "token_adapter" in seg:
         return ParsedKey(key, ".".join(seg[:seg.index("token_adapter")]), "tokens")
-    if "original_module" in seg:
-        return "'original_module' keys are PEFT internals and are never saved by PEFT"
-    if "modules_to_save" in seg:
-        j = seg.index("modules_to_save")
-        if len(seg) > j + 2:
-            return ParsedKey(key, ".".join(seg[:j]), "replace", ".".join(seg[j + 2:]), adapter_name=seg[j + 1])
-        return "malformed modules_to_save key"
+    for wrapper, role in (("original_module", "original"), ("modules_to_save", "replace")):
+        # ModulesToSaveWrapper internals; PEFT saves them next to the plain key when it saves a resized
+        # embedding layer whole: `X.modules_to_save[.name].weight` (the trained copy, same as `X.weight`)
+        # and `X.original_module.weight` (the untrained original, not part of the merge result).
+        if wrapper in seg:
+            j = seg.index(wrapper)
+            rest = seg[j + 1:]
+            if not rest or j == 0:
+                return f"malformed {wrapper} key"
+            name = rest[0] if len(rest) > 1 and wrapper == "modules_to_save" else None
+            return ParsedKey(key, ".".join(seg[:j]), role, ".".join(rest[1:] if name else rest), adapter_name=name)
     if "base_layer" in seg:
         j = seg.index("base_layer")
         rest = seg[j + 1:]

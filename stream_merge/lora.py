@@ -13,6 +13,25 @@ from collections.abc import Sequence
 import torch
 
 
+ROW_ALIGN = {"linear": 64, "bias": 64, "conv1d": 1024, "embedding": 1024}
+
+
+def row_blocks(rows: int, want: int, kinds: Sequence[str]) -> list[tuple[int, int]]:
+    """Split `rows` into blocks of about `want` rows that keep PEFT's bits.
+
+    MKL takes other code paths for very thin GEMMs (a 1..9-wide last block, or GEMV for one row), which
+    changes the last bit; so every block is a multiple of the kind's alignment and the last block absorbs
+    the remainder instead of being thin. Row blocks of B (Linear) are safe from 64 rows, column blocks of A
+    (Conv1D, Embedding) from 1024 columns at 1024-aligned offsets (measured: scripts/check_chunking.py).
+    """
+    align = max((ROW_ALIGN[k] for k in kinds), default=64)
+    size = max(align, want // align * align)
+    if rows < 2 * size:
+        return [(0, rows)]
+    starts = list(range(0, rows - size + 1, size))
+    return list(zip(starts, starts[1:] + [rows]))
+
+
 def delta_rows(kind: str, a: torch.Tensor | None, b: torch.Tensor, scale: float, r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) of the fp32 delta, laid out like the base tensor.
 

@@ -113,7 +113,13 @@ def _plan_replacements(acc: _Acc, idx: int, spec: AdapterSpec, keys: Sequence[Pa
                 acc.problems.append(f"adapter {idx} resizes the vocabulary to {src.shape[0]} rows in {pk.key!r} "
                                     f"but to {prev} elsewhere")
             acc.config_updates["vocab_size"] = src.shape[0]
-        if info.name in acc.replacements:
+        prev_rep = acc.replacements.get(info.name)
+        if prev_rep is not None and prev_rep.adapter == idx and ".modules_to_save." in pk.key:
+            if prev_rep.shape != src.shape:
+                acc.problems.append(f"adapter {idx}: {pk.key!r} and {prev_rep.key!r} disagree on the shape of "
+                                    f"{info.name!r}")
+            continue  # the wrapper's copy of the trained tensor saved next to the plain key
+        if prev_rep is not None:
             acc.problems.append(f"{info.name!r} is replaced by two adapter tensors "
                                 f"({acc.replacements[info.name].key!r} and {pk.key!r})")
             continue
@@ -252,6 +258,7 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
     for idx, spec in enumerate(adapters):
         groups: dict[str, dict[str, ParsedKey]] = {}
         replace: list[ParsedKey] = []
+        originals: list[ParsedKey] = []
         names: set[str] = set()
         for t in spec.tensors:
             pk = parse_key(t.key)
@@ -262,6 +269,8 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
                 names.add(pk.adapter_name)
             if pk.role == "replace":
                 replace.append(pk)
+            elif pk.role == "original":
+                originals.append(pk)
             elif pk.role == "tokens":
                 acc.problems.append(f"adapter {idx} key {t.key!r}: trainable tokens are not supported yet")
             elif pk.role == "nested":
@@ -276,7 +285,14 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
         if len(names) > 1:
             acc.problems.append(f"adapter {idx} holds weights of several adapters ({', '.join(sorted(names))}); "
                                 "save each adapter in its own folder")
+        replace.sort(key=lambda k: ".modules_to_save." in k.key)  # plain keys first
         _plan_replacements(acc, idx, spec, replace, vocab)
+        for pk in originals:
+            target, _, _ = acc.resolver.resolve(pk.replace_target)
+            rep = acc.replacements.get(target or "")
+            if rep is None or rep.adapter != idx:
+                acc.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original "
+                                    "module but the file has no trained copy of it to merge")
         if tied:
             for target, rep in acc.replacements.items():
                 if rep.adapter == idx and vocab_row_tensor(base, base.tensors[target]):

@@ -16,7 +16,7 @@ import torch
 
 from .adapter import AdapterReader
 from .errors import NonFiniteError
-from .lora import apply_delta, combine, delta_rows
+from .lora import apply_delta, combine, delta_rows, row_blocks
 from .records import ShardPlan, ShardResult, TensorPlan, numel
 from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes, tensor_bytes
 
@@ -61,9 +61,8 @@ def _merge_tensor(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapte
     factors = [(p, _load_factor(adapters, p.adapter, p.a_key, dev) if p.a_key else None,
                 _load_factor(adapters, p.adapter, p.b_key, dev)) for p in tp.patches]
     double = len(tp.patches) == 1 and tp.patches[0].weight == 1.0 and tp.patches[0].double_round
-    block_rows = max(1, compute.block_bytes // max(1, row_elems * 4))
-    for r0 in range(0, rows, block_rows):
-        r1 = min(rows, r0 + block_rows)
+    want = max(1, compute.block_bytes // max(1, row_elems * 4))
+    for r0, r1 in row_blocks(rows, want, [p.kind for p in tp.patches]):
         if tp.replace is not None:
             rep = adapters[tp.replace.adapter]
             src = rep.rows(tp.replace.key, r0, r1) if tp.shape else rep.tensor(tp.replace.key).reshape(1)

@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import tempfile
 import threading
@@ -265,7 +264,7 @@ class LoggedRequest:
     range: str | None
     headers: dict[str, str]
     status: int | None = None
-    bytes_sent: int = 0  # body bytes actually written
+    bytes_sent: int = 0  # body bytes handed to the socket
     faults: list[str] = field(default_factory=list)
     dropped: bool = False
     time: float = field(default_factory=time.monotonic)
@@ -685,7 +684,11 @@ class _Handler(BaseHTTPRequestHandler):
                 line = self.rfile.readline(65537)
                 if not line:
                     raise _Abort("eof in chunked body")
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    self.close_connection = True
+                    raise _HTTPError(400, "Malformed chunked request body")
                 if size == 0:
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
@@ -778,12 +781,13 @@ class _Handler(BaseHTTPRequestHandler):
             if drop_at is not None and pos + len(chunk) >= drop_at:
                 part = chunk[: drop_at - pos]
                 if part:
-                    self.wfile.write(part)
                     entry.bytes_sent += len(part)
+                    self.wfile.write(part)
                 self._drop_now(entry)
+            # Counted before the write: once the client has read the bytes, the log already shows them.
+            entry.bytes_sent += len(chunk)
             self.wfile.write(chunk)
             pos += len(chunk)
-            entry.bytes_sent += len(chunk)
 
     def _send_bytes(self, status: int, body: bytes, headers: Mapping[str, str] | None = None,
                     content_type: str = "application/json; charset=utf-8") -> None:

@@ -38,14 +38,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
 }
 
-_LORA = "lora_"  # substring of every LoRA factor/bias/magnitude parameter name
-
-
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter with seeded, non-trivial values (fp32 model expected)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
             noise = torch.randn(p.shape, generator=gen)
             if p.ndim >= 2:
                 p.copy_(noise * 0.06)
@@ -62,13 +59,13 @@ def make_base(
     """Save a tiny random ``family`` CausalLM in ``dtype`` with at least ``shards`` safetensors shards."""
     dirpath = Path(dirpath)
     cfg = AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
-    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     _randomize(model, seed)
     model = model.to(dtype).eval()
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    size = total // shards if shards > 1 else 50 * 2**30
-    while True:
+    state = model.state_dict()
+    assert 1 <= shards <= len(state)
+    size = sum(t.nbytes for t in state.values()) // shards if shards > 1 else 50 * 2**30
+    while True:  # the split is greedy, so shrink until there are enough shards
         if dirpath.exists():
             shutil.rmtree(dirpath)
         model.save_pretrained(dirpath, max_shard_size=size)
@@ -99,23 +96,24 @@ def make_adapter(
     assert out_dir.resolve() != Path(base_dir).resolve(), "adapter and base need separate folders"
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
     if resize_vocab is not None:
-        torch.manual_seed(seed)  # mean-resizing samples the new rows
-        model.resize_token_embeddings(resize_vocab)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # mean-resizing samples the new rows
+            model.resize_token_embeddings(resize_vocab)
     lora_kwargs = {"init_lora_weights": False, "task_type": "CAUSAL_LM", **lora_kwargs}
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
+        for name, p in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
             if not p.requires_grad:
                 continue
             noise = torch.randn(p.shape, generator=gen)
             if "lora_magnitude_vector" in name:
                 p.mul_(1.0 + 0.1 * noise)
-            elif _LORA in name:
+            elif "lora_" in name:
                 p.copy_(noise * 0.1)
             else:  # modules_to_save copies, bias="all"/"lora_only" biases
                 p.add_(noise * 0.05)
-            if adapter_dtype is not None and _LORA in name:
+            if adapter_dtype is not None and "lora_" in name:
                 p.data = p.data.to(adapter_dtype)
     peft_model.save_pretrained(out_dir)
     return out_dir
@@ -128,7 +126,7 @@ def _load_merged_model(
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     if resize_vocab is not None:
-        model.resize_token_embeddings(resize_vocab)  # new rows are overwritten by the adapter file
+        model.resize_token_embeddings(resize_vocab)  # the adapter file must overwrite the new rows
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
 
 
@@ -202,10 +200,8 @@ def tensor_mismatches(actual: dict[str, torch.Tensor], expected: dict[str, torch
         if a.dtype != e.dtype or a.shape != e.shape:
             problems.append(f"{k}: {a.dtype}{tuple(a.shape)} != expected {e.dtype}{tuple(e.shape)}")
         elif not torch.equal(a, e):
-            diff = (a.double() - e.double()).abs()
-            n_bad = int((a != e).sum()) if not diff.isnan().any() else int((diff != 0).sum())
-            problems.append(f"{k}: max|diff|={diff.nan_to_num(float('inf')).max().item():.3g}, "
-                            f"{n_bad}/{a.numel()} elements differ")
+            max_diff = (a.double() - e.double()).abs().max().item()  # nan if either side has NaN
+            problems.append(f"{k}: max|diff|={max_diff:.3g}, {int((a != e).sum())}/{a.numel()} elements differ")
     return problems
 
 

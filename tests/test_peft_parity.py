@@ -44,7 +44,7 @@ class Case:
     adapter_dtype: torch.dtype | None = None
     resize_vocab: int | None = None
     edit_config: Callable[[dict], None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # module -> rank PEFT must have saved
 
 
 # Patterns are matched as PEFT >= 0.15 does: re.match(rf"(.*\.)?({key})$", module), first key in JSON
@@ -70,7 +70,10 @@ CASES: dict[str, Case] = {
     # 3: rsLoRA (12 / sqrt(8) is irrational)
     "llama-rslora": Case(lora(r=8, lora_alpha=12, use_rslora=True)),
     # 4: rank/alpha patterns (r=8, alpha=12 for the rest)
-    "llama-patterns": Case(lora(r=8, lora_alpha=12, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)),
+    "llama-patterns": Case(
+        lora(r=8, lora_alpha=12, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN),
+        ranks={"model.layers.1.self_attn.q_proj": 4, "model.layers.0.self_attn.q_proj": 12,
+               "model.layers.1.self_attn.k_proj": 12, "model.layers.0.mlp.up_proj": 8}),
     # the file's key order decides, not sorting: regex first now gives down_proj alpha 20
     "llama-patterns-file-order": Case(
         lora(r=8, lora_alpha=12, alpha_pattern=ALPHA_PATTERN),
@@ -140,11 +143,20 @@ def _input_ids(vocab: int) -> torch.Tensor:
     return ids
 
 
+def _check_adapter(case: Case, adapter: Path) -> None:
+    """The saved adapter holds what the case claims to test (factor dtype, ranks)."""
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    factors = {k: v for k, v in tensors.items() if ".lora_" in k}
+    assert factors and all(v.dtype == (case.adapter_dtype or FP32) for v in factors.values())
+    for module, r in case.ranks.items():
+        assert tensors[f"base_model.model.{module}.lora_A.weight"].shape[0] == r
+
+
 def _engine_merge(base: Path, adapter: Path, out: Path) -> Any:
     from stream_merge import merge  # imported here so the oracle part of each case runs first
 
     before = _folder_bytes(base)
-    report = merge(base, adapter, out, device="cpu")
+    report = merge(str(base), str(adapter), str(out), device="cpu")
     assert _folder_bytes(base) == before, "the base checkpoint was modified"
     return report
 
@@ -154,6 +166,7 @@ def test_merge_matches_peft(case: Case, base_dir: Callable[..., Path], tmp_path:
     base = base_dir(case.family, case.dtype, case.shards)
     adapter = make_adapter(base, tmp_path / "adapter", adapter_dtype=case.adapter_dtype,
                            resize_vocab=case.resize_vocab, **case.lora)
+    _check_adapter(case, adapter)
     if case.edit_config is not None:
         cfg_path = adapter / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())

@@ -1,0 +1,65 @@
+"""Shared fixtures: small synthetic checkpoints/adapters and a CLI runner (whole subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stream_merge.synthetic import LlamaShape, write_adapter, write_checkpoint
+
+TINY = LlamaShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4, kv_heads=2)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m stream_merge ARGS` as a real process."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "stream_merge", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def make_pair(root: Path, shape: LlamaShape = TINY, shard_bytes: int = 6000, r: int = 4, alpha: float = 6.0,
+              dtype: str = "BF16") -> tuple[Path, Path]:
+    base, adapter = root / "base", root / "adapter"
+    write_checkpoint(base, shape, dtype=dtype, max_shard_bytes=shard_bytes)
+    write_adapter(adapter, shape, r=r, alpha=alpha, base_name=str(base))
+    return base, adapter
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    return make_pair(tmp_path)
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    obj = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    path.write_text(json.dumps(obj))
+
+
+def rewrite_adapter(adapter: Path, mutate) -> None:
+    """Load the adapter's tensors, let `mutate(dict)` change them, write them back."""
+    from safetensors.torch import load_file, save_file
+
+    f = adapter / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    mutate(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
