@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mapping, and every problem found.")
     _common(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    v = sub.add_parser("verify", help="check an output folder against its record (exit 1 on a mismatch)",
+                       description="Check every shard's size and sha256 against stream_merge.json and every header "
+                                   "against the index; --full also recomputes every tensor from the recorded inputs.")
+    v.add_argument("output", metavar="OUT", help="a folder written by stream-merge merge")
+    v.add_argument("--full", action="store_true", help="recompute all tensors from the recorded BASE and ADAPTERs")
+    v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -156,6 +162,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.output, full=args.full)
+    for p in report.problems:
+        print(f"mismatch: {p}", file=sys.stderr)
+    if not report.ok:
+        print(f"error: {args.output}: verification failed ({len(report.problems)} problem(s))", file=sys.stderr)
+        return 1
+    extra = f", {len(report.recomputed)} recomputed" if report.recomputed else ""
+    print(f"ok: {report.shards_checked} shards match the record{extra}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -163,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        return {"merge": _cmd_merge, "plan": _cmd_plan}[args.command](args)
+        return {"merge": _cmd_merge, "plan": _cmd_plan, "verify": _cmd_verify}[args.command](args)
     except StreamMergeError as exc:
         if getattr(args, "debug", False):
             raise
@@ -174,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `stream-merge plan ... | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command to resume", file=sys.stderr)
         return MergeInterrupted.exit_code

@@ -190,7 +190,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
     options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict")}
+               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle")}
     inputs = _inputs_record(base_src, adapter_srcs, plan)
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],

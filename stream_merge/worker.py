@@ -1,14 +1,16 @@
 """Merges one shard: the only place where file IO meets the LoRA math.
 
-Untouched tensors move as raw byte ranges through one reusable buffer; patched tensors are processed in row
-blocks sized by `block_bytes`, so memory is one block plus the adapter factors of one module, whatever the
-shard or tensor size. The output is written through an AtomicFile and hashed on the way out.
+`shard_chunks` yields an output shard's bytes in order: the header, then each tensor. Untouched tensors move
+as raw byte ranges through one reusable buffer; patched tensors are processed in row blocks sized by
+`block_bytes`, so memory is one block plus one module's adapter factors, whatever the shard or tensor size.
+`merge_shard` writes the stream through an AtomicFile (hashed on the way out); `verify --full` compares it
+with an existing output instead.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,8 @@ class Compute:
     check_finite: bool = True
 
 
-def _out_header(shard: ShardPlan, reader: ShardReader) -> bytes:
+def out_header(shard: ShardPlan, reader: ShardReader) -> bytes:
+    """The output header: the input's own bytes when no shape changes, else rebuilt in the same order."""
     if shard.header_unchanged:
         return reader.raw_header()
     offsets: dict[str, tuple[int, int]] = {}
@@ -52,8 +55,8 @@ def _load_factor(adapters: Sequence[AdapterReader], adapter: int, key: str, devi
     return t
 
 
-def _merge_tensor(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out: AtomicFile,
-                  compute: Compute, on_bytes: Callable[[int], None]) -> None:
+def _merged_blocks(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader],
+                   compute: Compute) -> Iterator[bytearray]:
     dtype = TORCH_DTYPES[tp.dtype]
     dev = compute.device
     shape = tp.shape if tp.shape else (1,)
@@ -81,40 +84,45 @@ def _merge_tensor(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapte
                         f"(overflow of {tp.dtype}?)", tensor=tp.name,
                         fix="check the adapter's scale and weights; merge into a wider dtype")
             w = merged.to("cpu")
-        buf = tensor_bytes(w)
-        out.write(buf)
-        on_bytes(len(buf))
+        yield tensor_bytes(w)
 
 
-def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader],
-                out_path: Path, compute: Compute, on_bytes: Callable[[int], None] = lambda n: None) -> ShardResult:
-    """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
-    t0 = time.perf_counter()
+def shard_chunks(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader],
+                 compute: Compute) -> Iterator[tuple[str | None, memoryview | bytes | bytearray]]:
+    """(tensor name or None for the header / a run of copied tensors, bytes) in output order.
+
+    A yielded memoryview is only valid until the next item (the copy buffer is reused)."""
+    yield None, out_header(shard, reader)
     buf = bytearray(COPY_CHUNK)
     mv = memoryview(buf)
-    with AtomicFile(out_path) as out:
-        out.write(_out_header(shard, reader))
-        ordered = sorted(shard.tensors, key=lambda t: (t.source.start, t.source.end))
-        i = 0
-        while i < len(ordered):
-            tp = ordered[i]
-            if tp.action != "copy":
-                _merge_tensor(tp, reader, adapters, out, compute, on_bytes)
-                i += 1
-                continue
-            start = tp.source.start
-            end = tp.source.end
-            while i + 1 < len(ordered) and ordered[i + 1].action == "copy":
-                i += 1
-                end = ordered[i].source.end
+    ordered = sorted(shard.tensors, key=lambda t: (t.source.start, t.source.end))
+    i = 0
+    while i < len(ordered):
+        tp = ordered[i]
+        if tp.action != "copy":
+            for block in _merged_blocks(tp, reader, adapters, compute):
+                yield tp.name, block
             i += 1
-            pos = start
-            while pos < end:
-                n = min(COPY_CHUNK, end - pos)
-                reader.read_into(pos, mv[:n])
-                out.write(mv[:n])
-                on_bytes(n)
-                pos += n
+            continue
+        start, end = tp.source.start, tp.source.end
+        while i + 1 < len(ordered) and ordered[i + 1].action == "copy":
+            i += 1
+            end = ordered[i].source.end
+        i += 1
+        for pos in range(start, end, COPY_CHUNK):
+            n = min(COPY_CHUNK, end - pos)
+            reader.read_into(pos, mv[:n])
+            yield None, mv[:n]
+
+
+def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
+                compute: Compute, on_bytes: Callable[[int], None] = lambda n: None) -> ShardResult:
+    """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
+    t0 = time.perf_counter()
+    with AtomicFile(out_path) as out:
+        for _, data in shard_chunks(shard, reader, adapters, compute):
+            out.write(data)
+            on_bytes(len(data))
         size, sha = out.commit()
     touched = len(shard.touched)
     return ShardResult(file=shard.file, size=size, sha256=sha, patched=touched,

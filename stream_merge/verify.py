@@ -1,0 +1,139 @@
+"""`stream-merge verify OUT [--full]`: is an output folder exactly what its record says?
+
+Quick mode checks every shard's size and sha256 against `stream_merge.json` and every header against the
+index. When a shard differs, or with --full, the plan is rebuilt from the recorded inputs and the expected
+bytes are regenerated and compared, which names the first differing tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapter import AdapterReader
+from .checkpoint import INDEX_NAME
+from .config import build_config
+from .errors import StreamMergeError, VerificationError
+from .extras import RECORD_NAME
+from .journal import file_sha256
+from .records import MergePlan, ShardHeader
+from .safetensors_io import ShardReader, read_header_file
+from .worker import Compute, shard_chunks
+
+
+@dataclass
+class VerifyReport:
+    output: str
+    shards_checked: int = 0
+    recomputed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _load(out: Path, name: str) -> dict:
+    path = out / name
+    if not path.exists():
+        raise VerificationError(f"{name} is missing: the output is incomplete or not made by stream-merge",
+                                file=str(path), fix="re-run the merge command to finish it")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VerificationError(f"{name} is unreadable ({exc})", file=str(path)) from None
+
+
+def _tensor_at(header: ShardHeader, offset: int) -> str:
+    """The tensor whose bytes cover absolute file offset `offset` (or 'header')."""
+    if offset < header.data_offset:
+        return "<header>"
+    rel = offset - header.data_offset
+    for t in header.tensors:
+        if t.start <= rel < t.end:
+            return t.name
+    return "<after the last tensor>"
+
+
+def _rebuild_plan(record: dict) -> MergePlan:
+    from .runner import plan_merge
+
+    inputs, opts = record["inputs"], record.get("options", {})
+    cfg = build_config(base=inputs["base"]["path"], adapters=[a["path"] for a in inputs["adapters"]],
+                       weights=[a["weight"] for a in inputs["adapters"]], key_map=opts.get("key_map") or None,
+                       allow_pickle=opts.get("allow_pickle", False))
+    return plan_merge(cfg)[0]
+
+
+def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, report: VerifyReport) -> None:
+    shard = next(s for s in plan.shards if s.file == file)
+    base_header = next(h for h in plan.base.shards if h.file == file)
+    adapters = [AdapterReader(spec) for spec in plan.adapters]
+    try:
+        with ShardReader(Path(plan.base.root) / file, base_header) as reader, open(out / file, "rb") as f:
+            pos = 0
+            for name, data in shard_chunks(shard, reader, adapters, Compute()):
+                got = f.read(len(data))
+                if got != bytes(data):
+                    i = next((k for k in range(min(len(got), len(data))) if got[k] != data[k]), min(len(got), len(data)))
+                    where = name or (_tensor_at(header, pos + i) if header else f"byte {pos + i}")
+                    report.problems.append(f"{file}: tensor {where!r} differs from a fresh merge of the recorded "
+                                           f"inputs (first at byte {pos + i})")
+                    return
+                pos += len(data)
+            if f.read(1):
+                report.problems.append(f"{file}: has trailing bytes after the last tensor")
+    finally:
+        for a in adapters:
+            a.close()
+    report.recomputed.append(file)
+
+
+def verify(output: str | Path, full: bool = False) -> VerifyReport:
+    """Check an output folder; problems are listed in the report (raises only when it is not checkable)."""
+    out = Path(output)
+    report = VerifyReport(output=str(out))
+    record = _load(out, RECORD_NAME)
+    index = _load(out, INDEX_NAME)
+    wmap = index.get("weight_map", {})
+    headers: dict[str, ShardHeader | None] = {}
+    suspect = []
+    for entry in record.get("shards", []):
+        file = entry["file"]
+        path = out / file
+        report.shards_checked += 1
+        if not path.exists():
+            report.problems.append(f"{file}: missing")
+            continue
+        try:
+            headers[file] = read_header_file(path, file)
+        except StreamMergeError as exc:
+            headers[file] = None
+            report.problems.append(f"{file}: {exc.message}")
+        if path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
+            report.problems.append(f"{file}: size or sha256 differs from the record")
+            suspect.append(file)
+    in_headers = {t.name: f for f, h in headers.items() if h for t in h.tensors}
+    for name, file in wmap.items():
+        if in_headers.get(name) != file and headers.get(file) is not None:
+            report.problems.append(f"index puts {name!r} in {file} but its header does not hold it")
+    for name, file in in_headers.items():
+        if name not in wmap:
+            report.problems.append(f"{file}: tensor {name!r} is not in the index")
+    todo = [e["file"] for e in record.get("shards", [])] if full else suspect
+    todo = [f for f in todo if (out / f).exists()]
+    if todo:
+        try:
+            plan = _rebuild_plan(record)
+        except StreamMergeError as exc:
+            if full:
+                raise VerificationError(f"cannot recompute: the recorded inputs are not usable ({exc.message})",
+                                        fix="make the base and adapters available at their recorded paths") from None
+            return report
+        if plan.fingerprint() != record.get("plan_fingerprint"):
+            report.problems.append("the recorded inputs changed since the merge; cannot recompute tensors")
+            return report
+        for file in todo:
+            _compare(out, plan, file, headers.get(file), report)
+    return report
