@@ -10,10 +10,10 @@ about --size bytes and a rank --rank LoRA adapter on q/k/v/o/gate/up/down, then 
                                                                                from_pretrained, merge_and_unload,
                                                                                save_pretrained; always on CPU)
 
-Each run's wall time and peak RSS are measured from outside: peak RSS is the ru_maxrss that os.wait4 returns
-for that one child (the largest of the child and its waited-for descendants, i.e. the kernel's RSS
-high-water mark, file-backed mapped pages included), cross-checked by polling /proc/PID/status VmHWM of the
-child's process tree. Prints a table (median wall, ratio vs the cp median of the same invocation, peak RSS,
+Each run's wall time and peak RSS are measured from outside, through a tiny wrapper process (see WRAPPER):
+peak RSS is the ru_maxrss that os.wait4 gives the wrapper for its one child (the largest RSS high-water mark
+of the child and its waited-for descendants, file-backed mapped pages included, like VmHWM), cross-checked
+by polling /proc/PID/status VmHWM of the process tree. Prints a table (median wall, ratio vs the cp median of the same invocation, peak RSS,
 GB/s of base checkpoint) with the machine and the exact commands, and writes JSON with every run.
 
     python scripts/bench.py [--size 4.5GB] [--hidden 4096 --intermediate 11008 --vocab 32000] [--shard-size 2GB]
@@ -93,9 +93,38 @@ def machine_info() -> dict:
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         torch_version, threads, cuda = None, None, None
-    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "loadavg": loadavg(),
             "ram_gib": round(mem / 2**30, 1), "torch": torch_version, "torch_threads": threads, "cuda": cuda,
             "python": platform.python_version(), "platform": platform.platform(), "hostname": platform.node()}
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def engine_info() -> dict:
+    """Which stream-merge was measured: version, git commit and whether stream_merge/ had local changes."""
+    info: dict = {}
+    try:
+        import stream_merge
+
+        info["version"] = stream_merge.__version__
+        pkg = Path(stream_merge.__file__).resolve().parent
+        info["path"] = str(pkg)
+        git = ["git", "-C", str(pkg.parent)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        timeout=10).stdout.strip() or None
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", str(pkg)], capture_output=True, text=True,
+                               timeout=10).stdout.splitlines()
+        info["uncommitted_files"] = len(dirty)
+        info["tree_sha256"] = hashlib.sha256(b"".join(
+            f.name.encode() + f.read_bytes() for f in sorted(pkg.glob("*.py")))).hexdigest()[:16]
+    except Exception:  # noqa: BLE001
+        pass
+    return info
 
 
 def machine_line(m: dict) -> str:
@@ -129,18 +158,40 @@ def _vmhwm(pid: int) -> int:
     return 0
 
 
+# A tiny wrapper between us and the measured command. os.wait4 in this (big, torch-importing) process would
+# not do: the kernel seeds a child's RSS high-water mark from the process that forked/exec'd it, so every child
+# of a 400 MiB parent reports >= 400 MiB. The wrapper is a bare interpreter (-I -S, a few MiB) that spawns
+# `/bin/sh -c CMD`, waits for it with os.wait4 and writes that child's rusage (the largest ru_maxrss of the
+# shell and its waited-for descendants) and wall time as JSON to the file named by its first argument.
+WRAPPER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn('/bin/sh', ['/bin/sh', '-c', sys.argv[2]], os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], 'w') as f:
+    json.dump({'rc': os.waitstatus_to_exitcode(status), 'wall_s': wall, 'maxrss_kib': ru.ru_maxrss,
+               'user_s': ru.ru_utime, 'sys_s': ru.ru_stime}, f)
+"""
+
+
 def measure(cmd: str, log: Path | None = None, poll_s: float = 0.05, env: dict | None = None) -> dict:
-    """Run `cmd` with /bin/sh as one whole process tree; wall time, exit code and peak RSS of it."""
+    """Run `cmd` (a /bin/sh command line) as one whole process tree under WRAPPER: exit code, wall time, peak
+    RSS from the wrapper's wait4 (`peak_rss_bytes`) and the largest VmHWM polled in the tree (`vmhwm_bytes`;
+    a cross-check that can miss processes living less than `poll_s`)."""
+    fd, result_path = tempfile.mkstemp(prefix="bench-rusage-", suffix=".json")
+    os.close(fd)
     out = open(log, "wb") if log else subprocess.DEVNULL
     hwm = {"max": 0}
     try:
         t0 = time.perf_counter()
-        p = subprocess.Popen(["/bin/sh", "-c", cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen([sys.executable, "-I", "-S", "-c", WRAPPER, result_path, cmd], stdout=out,
+                             stderr=subprocess.STDOUT, env=env)
         done = threading.Event()
 
         def poll() -> None:
             while not done.is_set():
-                todo, seen = [p.pid], set()
+                todo, seen = _children(p.pid), set()  # the wrapper itself is not measured
                 while todo:
                     pid = todo.pop()
                     if pid in seen:
@@ -152,16 +203,20 @@ def measure(cmd: str, log: Path | None = None, poll_s: float = 0.05, env: dict |
 
         th = threading.Thread(target=poll, daemon=True)
         th.start()
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
+        p.wait()
+        outer = time.perf_counter() - t0
         done.set()
         th.join()
-        p.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            res = json.loads(Path(result_path).read_text())
+        except (OSError, ValueError):
+            res = {"rc": p.returncode or -1, "wall_s": outer, "maxrss_kib": 0, "user_s": 0.0, "sys_s": 0.0}
     finally:
         if log:
             out.close()
-    return {"rc": p.returncode, "wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024, "vmhwm_bytes": hwm["max"],
-            "user_s": ru.ru_utime, "sys_s": ru.ru_stime}
+        os.unlink(result_path)
+    return {"rc": res["rc"], "wall_s": res["wall_s"], "peak_rss_bytes": res["maxrss_kib"] * 1024,
+            "vmhwm_bytes": hwm["max"], "user_s": res["user_s"], "sys_s": res["sys_s"]}
 
 
 def tail(path: Path, n: int = 2000) -> str:
@@ -323,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     invocation = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
         " ".join(shlex.quote(a) for a in [sys.executable, str(SCRIPT), *argv])
     machine = machine_info()
+    engine = engine_info()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     base, adapter, info, made = make_inputs(workdir, args.size, args.hidden, args.intermediate, args.vocab, heads,
@@ -346,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_line(machine)}")
     print(f"model:   {human(base_bytes)} bf16, {info['params']['shape']}, {info['shards']} shard(s) of at most "
           f"{human(args.shard_size)}; adapter rank {args.rank} on q/k/v/o/gate/up/down ({human(info['adapter_bytes'])})")
+    print(f"engine:  stream-merge {engine.get('version')} at {engine.get('commit', '?')[:12]} "
+          f"({engine.get('uncommitted_files', '?')} uncommitted file(s) in stream_merge/, source "
+          f"sha256 {engine.get('tree_sha256')}); load average {machine['loadavg']}")
     print(f"command: {invocation}", flush=True)
     names = list(commands)
     runs: list[dict] = []
@@ -384,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(summary))
     print(f"\nratios are medians against the median of `cp -r && sync` in this invocation; GB/s = base checkpoint "
-          f"bytes / median wall; peak RSS = max over runs of the child's ru_maxrss (wait4)")
+          f"bytes / median wall; peak RSS = max over runs of the command tree's ru_maxrss (wait4 in a tiny wrapper)")
     print("commands ({out} is a fresh folder each run):")
     for n, c in commands.items():
         print(f"  {n}: {c}")
-    result = {"machine": machine, "invocation": invocation, "commands": commands,
+    machine["loadavg_end"] = loadavg()
+    print(f"load average at the end: {machine['loadavg_end']} (other work on the machine skews wall times)")
+    result = {"machine": machine, "engine": engine, "invocation": invocation, "commands": commands,
               "params": {**info["params"], "size_arg": args.size, "shards": info["shards"], "base_bytes": base_bytes,
                          "adapter_bytes": info["adapter_bytes"], "device": args.device, "repeats": args.repeats,
                          "inputs_reused": not made},

@@ -1,0 +1,116 @@
+"""The memory acceptance check: "merging a synthetic checkpoint with 1 GiB shards keeps peak RSS under 700 MiB".
+
+Makes a synthetic Llama-shaped bf16 checkpoint (shards of at most --shard-size) and a rank-16 LoRA adapter on
+q/k/v/o/gate/up/down, runs `stream-merge merge BASE ADAPTER -o OUT --device cpu --quiet` as a whole subprocess
+and measures its peak RSS from outside (ru_maxrss through a tiny wrapper, as scripts/bench.py does; it
+includes file-backed mapped pages, like VmHWM, and a floor of about 10 MiB from the wrapper interpreter).
+Prints the figure and the wall time; exit 1 when the peak is over --limit-mib.
+
+--scaling also merges with shard size 2S (same model) and model size 2M (same shards) and prints how the
+peak changes; the target is less than --max-growth (15%) growth for both, else exit 1.
+
+    python scripts/memcheck.py [--shard-size 1GiB] [--size 3GiB] [--limit-mib 700] [--scaling]
+                               [--hidden 4096 --intermediate 11008 --vocab 32000] [--rank 16]
+                               [--workdir DIR] [--json OUT.json] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import (DEFAULT_WORKDIR, dir_bytes, human, machine_info, machine_line, make_inputs,  # noqa: E402
+                   measure, parse_size, stream_merge_cmd, tail)
+
+
+def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
+    heads = args.heads or max(1, args.hidden // 128)
+    base, adapter, info, made = make_inputs(workdir, size, args.hidden, args.intermediate, args.vocab, heads, heads,
+                                            shard, args.rank)
+    out = Path(tempfile.mkdtemp(prefix="memcheck-out-", dir=workdir))
+    shutil.rmtree(out)
+    q = shlex.quote
+    cmd = (" ".join(q(a) for a in stream_merge_cmd()) + f" merge {q(str(base))} {q(str(adapter))} -o {q(str(out))} "
+           f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else ""))
+    log = workdir / "memcheck-merge.log"
+    try:
+        r = measure(cmd, log=log)
+        ok_out = (out / "model.safetensors.index.json").exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if made and not args.keep:
+            shutil.rmtree(base.parent, ignore_errors=True)
+    if r["rc"] != 0 or not ok_out:
+        raise SystemExit(f"the merge failed (exit {r['rc']}):\n{tail(log)}")
+    log.unlink(missing_ok=True)
+    res = {"size_arg": size, "shard_size": shard, "base_bytes": info["base_bytes"], "shards": info["shards"],
+           "layers": info["params"]["shape"]["layers"], "command": cmd, "wall_s": round(r["wall_s"], 3),
+           "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1), "vmhwm_mib": round(r["vmhwm_bytes"] / 2**20, 1),
+           "cpu_s": round(r["user_s"] + r["sys_s"], 2)}
+    print(f"  {human(res['base_bytes']):>10} in {res['shards']} shard(s) of <= {human(shard):>9}: peak RSS "
+          f"{res['peak_rss_mib']:7.1f} MiB (VmHWM {res['vmhwm_mib']:.1f}), wall {res['wall_s']:.1f} s", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"))
+    ap.add_argument("--size", type=parse_size, default=parse_size("3GiB"), help="model size M (default 3GiB)")
+    ap.add_argument("--limit-mib", type=float, default=700.0)
+    ap.add_argument("--scaling", action="store_true", help="also run with 2x shard size and 2x model size")
+    ap.add_argument("--max-growth", type=float, default=0.15, help="--scaling target (default 0.15 = 15%%)")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--heads", type=int, default=None, help="default hidden/128")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--block-size-mb", type=int, default=None, help="pass --block-size-mb to stream-merge")
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--json", type=Path, metavar="OUT.json")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic inputs for reuse")
+    args = ap.parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    print(f"machine: {machine_line(machine)}")
+    print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *(sys.argv if argv is None else ['memcheck.py', *argv])])}")
+    print(f"memcheck: shard size S={human(args.shard_size)}, model size M={human(args.size)}, "
+          f"limit {args.limit_mib:g} MiB", flush=True)
+    runs = {"S,M": one(args, args.size, args.shard_size, workdir)}
+    if args.scaling:
+        runs["2S,M"] = one(args, args.size, 2 * args.shard_size, workdir)
+        runs["S,2M"] = one(args, 2 * args.size, args.shard_size, workdir)
+    failures = [f"{k}: peak RSS {r['peak_rss_mib']:.1f} MiB > {args.limit_mib:g} MiB"
+                for k, r in runs.items() if r["peak_rss_mib"] > args.limit_mib]
+    growth = {}
+    if args.scaling:
+        ref = runs["S,M"]["peak_rss_mib"]
+        for k, label in (("2S,M", "shard size x2"), ("S,2M", "model size x2")):
+            g = runs[k]["peak_rss_mib"] / ref - 1
+            growth[k] = round(g, 4)
+            print(f"  {label}: peak RSS {ref:.1f} -> {runs[k]['peak_rss_mib']:.1f} MiB ({g:+.1%}, target < "
+                  f"{args.max_growth:.0%})")
+            if g >= args.max_growth:
+                failures.append(f"{label}: peak RSS grew {g:+.1%} (target < {args.max_growth:.0%})")
+    main_run = runs["S,M"]
+    print(f"peak RSS {main_run['peak_rss_mib']:.1f} MiB (limit {args.limit_mib:g} MiB), wall {main_run['wall_s']:.1f} s "
+          f"for {human(main_run['base_bytes'])}: {'FAIL' if failures else 'PASS'}")
+    for f in failures:
+        print(f"  FAIL {f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine, "limit_mib": args.limit_mib, "runs": runs,
+                                         "growth": growth, "max_growth": args.max_growth, "passed": not failures,
+                                         "failures": failures}, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""DESIGN.md's layering rules, checked on the source: pure modules import no IO, only runner uses tqdm,
+only cli prints."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "stream_merge"
+PURE = {"lora", "plan", "keymap", "records", "compat", "errors"}
+IO_MODULES = {"safetensors_io", "sources", "checkpoint", "adapter", "worker", "journal", "runner", "verify", "extras",
+              "cli", "synthetic"}
+IO_STDLIB = {"os", "io", "shutil", "subprocess", "socket", "pathlib", "tempfile", "fcntl", "urllib", "http"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .x import y
+                names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            else:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def _prints(path: Path) -> bool:
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+               for n in ast.walk(ast.parse(path.read_text())))
+
+
+def test_pure_modules_import_no_io() -> None:
+    for name in PURE:
+        bad = _imports(PKG / f"{name}.py") & (IO_MODULES | IO_STDLIB | {"torch"} - ({"torch"} if name == "lora" else set()))
+        assert not bad, f"{name}.py imports {bad}"
+
+
+def test_plan_imports_only_records_keymap_errors() -> None:
+    internal = _imports(PKG / "plan.py") & {p.stem for p in PKG.glob("*.py")}
+    assert internal <= {"records", "keymap", "errors"}, internal
+
+
+def test_only_runner_uses_tqdm_and_only_cli_prints() -> None:
+    for path in PKG.glob("*.py"):
+        if path.stem != "runner":
+            assert "tqdm" not in _imports(path), path.name
+        if path.stem not in ("cli",):
+            assert not _prints(path), f"{path.name} prints"

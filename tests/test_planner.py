@@ -1,0 +1,160 @@
+"""Planner: key grammar, name resolution, PEFT's pattern rules, and every problem reported at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import edit_json, make_pair, rewrite_adapter
+from stream_merge.adapter import load_adapter
+from stream_merge.checkpoint import read_index
+from stream_merge.errors import UnsupportedAdapterError
+from stream_merge.keymap import (TargetResolver, compile_patterns, is_conv1d_module, parse_key, pattern_value,
+                                 peft_targets)
+from stream_merge.plan import build_plan
+
+P = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _plan(base: Path, adapter: Path):
+    return build_plan(read_index(base), [load_adapter(adapter)])
+
+
+def test_plan_maps_every_module_and_is_json(pair: tuple[Path, Path]) -> None:
+    plan = _plan(*pair)
+    assert not plan.problems
+    assert len(plan.mapping) == 2 * 7 and {m.kind for m in plan.mapping} == {"linear"}
+    assert all(m.scale == 6.0 / 4 and m.via == "exact" for m in plan.mapping)
+    assert plan.patched_tensors == 14 and plan.copied_tensors == 7
+    json.dumps(plan.summary())
+    assert plan.fingerprint() == _plan(*pair).fingerprint()
+
+
+def test_all_problems_are_listed_at_once(pair: tuple[Path, Path]) -> None:
+    base, adapter = pair
+
+    def mutate(sd: dict) -> None:
+        del sd[P + ".lora_B.weight"]                                       # missing half
+        sd["base_model.model.model.layers.9.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)  # unmatched
+        sd["base_model.model.model.layers.9.mlp.up_proj.lora_B.weight"] = torch.zeros(48, 4)
+        k = "base_model.model.model.layers.1.mlp.down_proj"
+        sd[k + ".lora_B.weight"] = torch.zeros(7, 4)                     # shape mismatch
+        k = "base_model.model.model.layers.1.self_attn.o_proj"
+        sd[k + ".lora_A.weight"] = torch.zeros(3, 32)                    # rank mismatch A vs B
+    rewrite_adapter(adapter, mutate)
+    plan = _plan(base, adapter)
+    text = "\n".join(plan.problems)
+    assert len(plan.problems) == 4, text
+    assert "q_proj" in text and "lora_B is missing" in text
+    assert "layers.9.mlp.up_proj" in text and "matched no base tensor" in text
+    assert "shape mismatch" in text and "down_proj" in text
+    assert "rank mismatch" in text and "o_proj" in text
+
+
+def test_config_rank_must_match_weights(pair: tuple[Path, Path]) -> None:
+    base, adapter = pair
+    edit_json(adapter / "adapter_config.json", rank_pattern={"q_proj": 8})
+    plan = _plan(base, adapter)
+    assert len(plan.problems) == 2 and all("r=8" in p and "q_proj" in p for p in plan.problems)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("peft_type", "LOHA"), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+    ("target_parameters", ["mlp.experts.gate_up_proj"]), ("layer_replication", [[0, 2]]), ("use_qalora", True),
+    ("alora_invocation_tokens", [1, 2]), ("brand_new_field", {"x": 1}), ("kasa_config", {"k": 1}),
+])
+def test_unsupported_fields_are_refused_by_name(pair: tuple[Path, Path], field: str, value: object) -> None:
+    _, adapter = pair
+    edit_json(adapter / "adapter_config.json", **{field: value})
+    with pytest.raises(UnsupportedAdapterError) as exc:
+        load_adapter(adapter)
+    assert exc.value.key == field and field in exc.value.one_line()
+
+
+def test_unknown_fields_without_a_value_are_accepted(pair: tuple[Path, Path]) -> None:
+    _, adapter = pair
+    edit_json(adapter / "adapter_config.json", future_option=None, other_flag=False, velora_config={"a": 1})
+    assert load_adapter(adapter).settings.r == 4
+
+
+def test_key_grammar() -> None:
+    k = parse_key(P + ".lora_A.default.weight")
+    assert not isinstance(k, str) and (k.module, k.role, k.adapter_name) == (P[len("base_model.model."):], "A", "default")
+    k = parse_key("model.embed_tokens.lora_embedding_B")
+    assert not isinstance(k, str) and (k.module, k.role) == ("model.embed_tokens", "emb_B")
+    k = parse_key("base_model.model.model.embed_tokens.base_layer.weight")
+    assert not isinstance(k, str) and (k.role, k.replace_target) == ("replace", "model.embed_tokens.weight")
+    k = parse_key("base_model.model.lm_head.modules_to_save.default.weight")
+    assert not isinstance(k, str) and (k.role, k.replace_target, k.adapter_name) == ("replace", "lm_head.weight", "default")
+    k = parse_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.bias")
+    assert not isinstance(k, str) and k.role == "B_bias"
+    assert isinstance(parse_key("base_model.prompt_encoder.embedding.weight"), str)
+    assert isinstance(parse_key("base_model.model.x.lora_A.weird.extra.weight"), str)
+
+
+def test_peft_pattern_semantics() -> None:
+    pats = compile_patterns({"q_proj": 4, r"layers\.0\.self_attn\.q_proj": 8, "proj": 1, ".*_proj": 2},
+                            "rank_pattern")
+    assert pattern_value(pats, "model.layers.0.self_attn.q_proj", 16) == 4       # first match wins
+    assert pattern_value(pats, "model.layers.0.self_attn.k_proj", 16) == 2       # "proj" needs a '.' before it
+    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 2
+    pats = compile_patterns({"p_proj": 4}, "rank_pattern")
+    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 16           # '.' boundary
+    pats = compile_patterns({"model.layers.0.mlp.up_proj": 4}, "rank_pattern")
+    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 4            # full path
+    with pytest.raises(ValueError):
+        compile_patterns({"(": 1}, "rank_pattern")
+
+
+def test_peft_target_selection() -> None:
+    assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"]) is True
+    assert peft_targets("model.layers.1.self_attn.q_proj", ["k_proj"]) is False
+    assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"], layers_to_transform=[0]) is False
+    assert peft_targets("model.layers.1.self_attn.q_proj", r".*\.q_proj") is True
+    assert peft_targets("model.layers.1.self_attn.q_proj", "all-linear") is None
+
+
+def test_conv1d_decision_for_square_weights() -> None:
+    assert is_conv1d_module("transformer.h.0.attn.c_proj", "gpt2", False) is True
+    assert is_conv1d_module("model.layers.0.self_attn.o_proj", "llama", True) is False
+    assert is_conv1d_module("x.c_proj", None, True) is True
+
+
+def test_layout_renames_and_ambiguity() -> None:
+    names = {"model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight", "lm_head.weight"}
+    r = TargetResolver(names)
+    assert r.resolve("model.language_model.layers.0.self_attn.q_proj.weight")[0] == "model.layers.0.self_attn.q_proj.weight"
+    assert r.resolve("model.visual.blocks.0.attn.qkv.weight")[0] == "visual.blocks.0.attn.qkv.weight"
+    legacy = TargetResolver({"model.language_model.layers.0.mlp.up_proj.weight"})
+    assert legacy.resolve("model.layers.0.mlp.up_proj.weight")[1] == "rename"
+    amb = TargetResolver({"a.x.weight", "b.x.weight"})
+    target, via, cands = amb.resolve("x.weight")
+    assert target is None and via == "ambiguous" and cands == ["a.x.weight", "b.x.weight"]
+    user = TargetResolver({"backbone.q.weight"}, [(r"^model\.", "backbone.")])
+    assert user.resolve("model.q.weight") == ("backbone.q.weight", "key_map '^model\\\\.'", [])
+
+
+def test_tied_embeddings_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = make_pair(tmp_path)
+    index_file = base / "model.safetensors.index.json"
+    idx = json.loads(index_file.read_text())
+    head_shard = base / idx["weight_map"].pop("lm_head.weight")
+    sd = {k: v for k, v in load_file(str(head_shard)).items() if k != "lm_head.weight"}
+    if sd:
+        save_file(sd, str(head_shard), metadata={"format": "pt"})
+    else:
+        head_shard.unlink()
+    index_file.write_text(json.dumps(idx))
+    edit_json(base / "config.json", tie_word_embeddings=True)
+
+    def add_head(sd: dict) -> None:
+        sd["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 32)
+        sd["base_model.model.lm_head.lora_B.weight"] = torch.zeros(64, 4)
+    rewrite_adapter(adapter, add_head)
+    plan = _plan(base, adapter)
+    assert len(plan.problems) == 1 and "tie_word_embeddings" in plan.problems[0]
