@@ -113,13 +113,13 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
             file=file, key="init_lora_weights",
             fix="convert the adapter with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) "
                 "so it applies to the original base" if mutating else "merge with PEFT instead")
-    if cfg.get("use_dora"):
-        raise UnsupportedAdapterError("use_dora: DoRA adapters are not supported yet", file=file,
-                                      key="use_dora", fix="merge with PEFT until DoRA support lands")
-    if cfg.get("target_parameters"):
-        raise UnsupportedAdapterError("target_parameters (LoRA on raw parameters, e.g. MoE experts) is not "
-                                      "supported yet", file=file, key="target_parameters",
-                                      fix="merge with PEFT until target_parameters support lands")
+    if cfg.get("use_dora") and cfg.get("lora_bias"):
+        raise InputError("use_dora and lora_bias cannot be combined (PEFT refuses this config)", file=file,
+                         key="lora_bias")
+    tp = cfg.get("target_parameters") or ()
+    if isinstance(tp, str) or not all(isinstance(t, str) for t in tp):
+        raise InputError(f"target_parameters must be a list of names, got {tp!r}", file=file,
+                         key="target_parameters")
     if cfg.get("trainable_token_indices"):
         raise UnsupportedAdapterError("trainable_token_indices is not supported yet", file=file,
                                       key="trainable_token_indices", fix="merge with PEFT")
@@ -141,7 +141,8 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         bias=bias,
         lora_bias=bool(cfg.get("lora_bias", False)),
-        use_dora=False,
+        use_dora=bool(cfg.get("use_dora", False)),
+        target_parameters=tuple(tp),
         target_modules=cfg.get("target_modules"),
         exclude_modules=cfg.get("exclude_modules"),
         layers_to_transform=cfg.get("layers_to_transform"),

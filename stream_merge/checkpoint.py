@@ -36,7 +36,7 @@ def check_shard_name(name: object, index_file: str) -> str:
     if ok:
         p = PurePosixPath(name)
         ok = (not p.is_absolute() and ".." not in p.parts and "." not in p.parts and "" not in name.split("/")
-              and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+              and name.isprintable())
     if not ok:
         raise CheckpointFormatError(
             f"index names an unsafe or invalid shard file {name!r}", file=index_file,

@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="extra rule mapping adapter module names to base tensor names (repeatable)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="treat compatibility warnings (adapter trained on another model) as errors")
+    p.add_argument("--untie", action="store_true", default=None,
+                   help="for bases that tie lm_head to embed_tokens: write a separate lm_head.weight so an adapter "
+                        "may change either one (sets tie_word_embeddings=false)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("weights", "strict", "allow_pickle", "output", "device", "dry_run", "fresh", "block_size_mb",
+    keys = ("weights", "strict", "allow_pickle", "untie", "output", "device", "dry_run", "fresh", "block_size_mb",
             "check_finite")
     opts = {k: getattr(args, k, None) for k in keys}
     opts["key_map"] = _key_map(args.key_map)
@@ -125,7 +128,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         base = read_index(resolve_source(cfg.base, "BASE").path, label=cfg.base)
         specs = [load_adapter(resolve_source(a, "ADAPTER").path, weight=w, allow_pickle=cfg.allow_pickle)
                  for a, w in zip(cfg.adapters, cfg.adapter_weights)]
-        plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict))
+        plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie))
         if args.json:
             print(json.dumps(plan.summary(), indent=2))
         else:

@@ -29,6 +29,7 @@ class MergeConfig:
     fresh: bool = False
     strict: bool = False
     allow_pickle: bool = False
+    untie: bool = False
     key_map: tuple[tuple[str, str], ...] = ()
     block_size_mb: int = 64
     check_finite: bool = True

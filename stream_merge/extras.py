@@ -40,9 +40,10 @@ def patched_config(raw: bytes, updates: Mapping[str, Any]) -> bytes:
         return raw
     cfg = json.loads(raw)
     for key, value in updates.items():
-        if key not in cfg and isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
-            cfg["text_config"][key] = value
-        else:
+        sub = cfg.get("text_config")
+        if isinstance(sub, dict) and key in sub:
+            sub[key] = value
+        if key in cfg or not (isinstance(sub, dict) and key in sub):
             cfg[key] = value
     return (json.dumps(cfg, indent=2) + "\n").encode()
 

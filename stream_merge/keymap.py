@@ -42,8 +42,7 @@ CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 class ParsedKey:
     """One adapter tensor key, decoded.
 
-    role: A, B, B_bias, emb_A, emb_B, magnitude (DoRA), tokens (trainable tokens), nested (target_parameters
-    nesting), replace (a full tensor replacing `<module>.<param>` of the base) or original (the untrained
+    role: A, B, B_bias, emb_A, emb_B, magnitude (DoRA), tokens (trainable tokens), replace (a full tensor replacing `<module>.<param>` of the base) or original (the untrained
     module a modules_to_save wrapper keeps; never merged).
     """
 
@@ -52,6 +51,7 @@ class ParsedKey:
     role: str
     param: str | None = None
     adapter_name: str | None = None
+    depth: int = 0  # target_parameters nesting: how many `.base_layer` wrap this LoRA's module
 
     @property
     def replace_target(self) -> str:
@@ -71,20 +71,24 @@ def parse_key(key: str) -> ParsedKey | str:
             role, module, rest = LORA_MARKERS[s], ".".join(seg[:i]), seg[i + 1:]
             if not module:
                 return "LoRA key without a module path"
-            if module.endswith(".base_layer") or module == "base_layer":
-                return ParsedKey(key, module, "nested")
+            depth = 0
+            while module.endswith(".base_layer"):
+                module, depth = module[: -len(".base_layer")], depth + 1
+            if module == "base_layer":
+                return "LoRA key without a module path"
             if role in ("A", "B"):
                 if len(rest) in (1, 2) and rest[-1] in ("weight", "bias"):
                     if rest[-1] == "bias":
                         if role == "A":
                             return "lora_A has no bias in PEFT"
                         role = "B_bias"
-                    return ParsedKey(key, module, role, adapter_name=rest[0] if len(rest) == 2 else None)
+                    return ParsedKey(key, module, role, adapter_name=rest[0] if len(rest) == 2 else None,
+                                     depth=depth)
                 return f"unexpected suffix after {s}"
             if role == "magnitude" and rest and rest[-1] == "weight":
                 rest = rest[:-1]
             if len(rest) <= 1:
-                return ParsedKey(key, module, role, adapter_name=rest[0] if rest else None)
+                return ParsedKey(key, module, role, adapter_name=rest[0] if rest else None, depth=depth)
             return f"unexpected suffix after {s}"
     if "token_adapter" in seg:
         return ParsedKey(key, ".".join(seg[:seg.index("token_adapter")]), "tokens")
@@ -217,3 +221,25 @@ class TargetResolver:
         if cands:
             return None, "ambiguous", cands
         return None, "missing", []
+
+
+# Fused parameters of transformers-v5 expert modules, in registration order (PEFT nests the LoRA of the last
+# registered parameter outermost), and how checkpoints store them one expert at a time.
+PARAM_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+PER_EXPERT_PARTS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),  # Qwen/DeepSeek/OLMoE..., Mixtral
+    "down_proj": (("down_proj",), ("w2",)),
+    "gate_proj": (("gate_proj",), ("w1",)),
+    "up_proj": (("up_proj",), ("w3",)),
+}
+
+
+def targeted_params(module: str, target_parameters: Sequence[str]) -> list[str]:
+    """Names of `module`'s parameters that `target_parameters` selects, in PARAM_ORDER then config order."""
+    names = []
+    for t in target_parameters:
+        mod, _, pname = t.rpartition(".")
+        if (not mod or module == mod or module.endswith("." + mod)) and pname not in names:
+            names.append(pname)
+    known = [p for p in PARAM_ORDER if p in names]
+    return known + [p for p in names if p not in known]

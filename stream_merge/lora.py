@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
-ROW_ALIGN = {"linear": 64, "bias": 64, "conv1d": 1024, "embedding": 1024}
+ROW_ALIGN = {"linear": 64, "bias": 64, "param": 64, "conv1d": 1024, "embedding": 1024}
+WHOLE_TENSOR = {"conv"}  # kinds whose delta is computed for the whole tensor at once
 
 
 def row_blocks(rows: int, want: int, kinds: Sequence[str]) -> list[tuple[int, int]]:
@@ -24,12 +26,36 @@ def row_blocks(rows: int, want: int, kinds: Sequence[str]) -> list[tuple[int, in
     the remainder instead of being thin. Row blocks of B (Linear) are safe from 64 rows, column blocks of A
     (Conv1D, Embedding) from 1024 columns at 1024-aligned offsets (measured: scripts/check_chunking.py).
     """
+    if any(k in WHOLE_TENSOR for k in kinds):
+        return [(0, rows)]
     align = max((ROW_ALIGN[k] for k in kinds), default=64)
     size = max(align, want // align * align)
     if rows < 2 * size:
         return [(0, rows)]
     starts = list(range(0, rows - size + 1, size))
     return list(zip(starts, starts[1:] + [rows]))
+
+
+def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float, base_shape: Sequence[int]) -> torch.Tensor:
+    """ConvNd delta exactly as PEFT computes it: a matmul for 1x1 Conv2d, else convNd(Aᵀ, B)ᵀ (einsum would
+    differ by an ulp)."""
+    if tuple(base_shape[2:4]) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scale
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(base_shape)]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
+
+
+def param_delta_rows(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, expert: int | None,
+                     row_offset: int, r0: int, r1: int) -> torch.Tensor:
+    """LoRA on a raw (E, out, in) parameter (PEFT's ParamWrapper): A reshapes expert-major to (E, r, in),
+    B rank-major to (out, r, E), Δ[e] = B[:, :, e] @ A[e] * s (bitwise the same as PEFT's einsum).
+    With `expert` set, rows [r0, r1) of the target are rows row_offset+r0.. of Δ[expert]; otherwise the
+    target is the whole 3-D tensor and rows are experts."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts)
+    if expert is not None:
+        return (b3[row_offset + r0:row_offset + r1, :, expert] @ a3[expert]) * scale
+    return torch.stack([(b3[:, :, e] @ a3[e]) * scale for e in range(r0, r1)])
 
 
 def delta_rows(kind: str, a: torch.Tensor | None, b: torch.Tensor, scale: float, r0: int, r1: int) -> torch.Tensor:
@@ -39,6 +65,7 @@ def delta_rows(kind: str, a: torch.Tensor | None, b: torch.Tensor, scale: float,
     conv1d:    W (in, out),   ΔW = (B @ A).T * s          (HF Conv1D, fan_in_fan_out)
     embedding: W (vocab, d),  ΔW = (B_emb @ A_emb).T * s
     bias:      b (out,),      Δb = lora_B.bias * s
+    ("conv" and "param" have their own functions: they need the base shape / expert layout.)
     """
     if kind == "linear":
         assert a is not None
@@ -59,6 +86,26 @@ def combine(deltas: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
     for d, w in deltas:
         total += d * w if w != 1.0 else d
     return total
+
+
+def dora_apply(kind: str, w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA merge, op for op as PEFT: the norm of the unmerged W + ΔW per output channel (per embedding
+    column for Embedding), W' = (m / norm) * (W + ΔW), rounded once to W's dtype. For "linear" the rows of
+    `w`, `delta` and `magnitude` may be a row block: each row's norm only needs that row."""
+    if kind == "linear":
+        x = w + 1 * delta
+        norm = torch.linalg.norm(x, dim=1).to(x.dtype)
+        factor = (magnitude / norm).view(-1, 1)
+    elif kind in ("conv1d", "embedding"):
+        x = w.T + 1 * delta.T
+        norm = torch.linalg.norm(x, dim=1).to(x.dtype)
+        factor = (magnitude / norm).view(-1, 1).T if kind == "conv1d" else (magnitude / norm).view(1, -1)
+    elif kind == "conv":
+        norm = (w + 1 * delta).norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
+        factor = (magnitude / norm).view(-1, *([1] * (w.dim() - 1)))
+    else:
+        raise ValueError(f"DoRA is not defined for {kind!r}")
+    return (factor * (w + delta)).to(w.dtype)
 
 
 def apply_delta(w: torch.Tensor, delta: torch.Tensor, double_round: bool) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Base index + adapters -> MergePlan. Pure: reads no files, so every problem is found before any IO.
 
-For each adapter module we resolve the base tensor it changes, decide the layer kind (Linear, HF Conv1D,
-Embedding, lora_bias), check every shape and rank, and compute PEFT's scale. Problems are collected, not
-raised, so that the user sees all of them at once.
+For each adapter module we resolve the base tensor(s) it changes, decide the layer kind (Linear, HF Conv1D,
+Embedding, ConvNd, lora_bias, raw parameters / MoE experts, DoRA), check every shape and rank, and compute
+PEFT's scale. Problems are collected, not raised, so that the user sees all of them at once.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .keymap import (ParsedKey, TargetResolver, compile_patterns, is_conv1d_module, parse_key, pattern_value,
-                     peft_targets)
-from .records import (FLOAT_DTYPES, AdapterSpec, BaseIndex, LoraPatch, MergePlan, ModuleMapping, Replacement,
-                      ShardPlan, TensorInfo, TensorPlan)
+from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, compile_patterns, is_conv1d_module, parse_key,
+                     pattern_value, peft_targets, targeted_params)
+from .records import (FLOAT_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan, ModuleMapping,
+                      Replacement, ShardPlan, TensorInfo, TensorPlan)
+
+TIE_HELP = ("the base ties lm_head to the input embedding (tie_word_embeddings, no lm_head.weight on disk), so "
+            "changing one changes both; pass --untie to write a separate lm_head.weight and set "
+            "tie_word_embeddings=false")
 
 
 @dataclass(frozen=True)
 class PlanOptions:
     key_map: tuple[tuple[str, str], ...] = ()
     strict: bool = False
+    untie: bool = False
 
 
 @dataclass
@@ -29,13 +34,14 @@ class _Acc:
 
     base: BaseIndex
     resolver: TargetResolver
-    strict: bool = False
+    options: PlanOptions
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     replacements: dict[str, Replacement] = field(default_factory=dict)
     patches: dict[str, list[LoraPatch]] = field(default_factory=dict)
     mapping: list[ModuleMapping] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
+    head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
 
     def resolve(self, name: str, what: str) -> tuple[TensorInfo | None, str]:
         target, via, cands = self.resolver.resolve(name)
@@ -46,29 +52,28 @@ class _Acc:
                                  "add a key_map rule to pick one")
         return None, via
 
+    def add(self, patch: LoraPatch, via: str) -> None:
+        self.patches.setdefault(patch.target, []).append(patch)
+        self.mapping.append(ModuleMapping(patch.adapter, patch.module, patch.target, patch.kind, patch.rank,
+                                          patch.alpha, patch.scale, via))
 
-def _model_type(base: BaseIndex) -> str | None:
+
+def _text_cfg(base: BaseIndex, key: str) -> object:
     cfg = base.config or {}
-    mt = cfg.get("model_type")
-    if mt is None and isinstance(cfg.get("text_config"), dict):
-        mt = cfg["text_config"].get("model_type")
-    return mt
+    if key in cfg:
+        return cfg[key]
+    sub = cfg.get("text_config")
+    return sub.get(key) if isinstance(sub, dict) else None
 
 
 def _vocab_size(base: BaseIndex) -> int | None:
-    cfg = base.config or {}
-    v = cfg.get("vocab_size")
-    if v is None and isinstance(cfg.get("text_config"), dict):
-        v = cfg["text_config"].get("vocab_size")
+    v = _text_cfg(base, "vocab_size")
     return v if isinstance(v, int) else None
 
 
 def _tied_head(base: BaseIndex) -> bool:
     """The base ties its output head to the input embedding: the config says so and no head is on disk."""
-    cfg = base.config or {}
-    tie = cfg.get("tie_word_embeddings")
-    if tie is None and isinstance(cfg.get("text_config"), dict):
-        tie = cfg["text_config"].get("tie_word_embeddings")
+    tie = _text_cfg(base, "tie_word_embeddings")
     if tie is None:
         tie = True  # transformers' PretrainedConfig default
     return bool(tie) and not any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in base.tensors)
@@ -78,19 +83,38 @@ def _is_head(name: str) -> bool:
     return name == "lm_head" or name.endswith(".lm_head") or name.startswith("lm_head.") or ".lm_head." in name
 
 
+def vocab_row_tensor(base: BaseIndex, info: TensorInfo) -> bool:
+    """Is this the input embedding (2-D, one row per vocabulary entry)?"""
+    vocab = _vocab_size(base)
+    leaf = info.name.rsplit(".", 2)[-2] if "." in info.name else info.name
+    return (vocab is not None and len(info.shape) == 2 and info.shape[0] == vocab
+            and any(s in leaf for s in ("embed", "wte", "tok_embeddings", "word_embeddings")))
+
+
+def _scale(st, ranks, alphas, key: str, r_file: int, where: str, acc: _Acc) -> tuple[int, float, float] | None:
+    r = pattern_value(ranks, key, st.r)
+    alpha = pattern_value(alphas, key, st.lora_alpha)
+    if r != r_file:
+        acc.problems.append(f"{where}: rank mismatch: the config gives r={r} but the weights have rank {r_file}; "
+                            "fix rank_pattern or r in adapter_config.json")
+        return None
+    return r, float(alpha), (alpha / math.sqrt(r) if st.use_rslora else alpha / r)
+
+
 def _plan_replacements(acc: _Acc, idx: int, spec: AdapterSpec, keys: Sequence[ParsedKey], vocab: int | None) -> None:
     for pk in keys:
         target = pk.replace_target
-        reason = ("modules_to_save" if pk.adapter_name or pk.module in spec.settings.modules_to_save
-                  or any(pk.module.endswith("." + m) or pk.module == m for m in spec.settings.modules_to_save)
+        reason = ("modules_to_save" if pk.adapter_name or ".modules_to_save." in pk.key
+                  or any(pk.module == m or pk.module.endswith("." + m) for m in spec.settings.modules_to_save)
                   else "bias" if pk.param == "bias" else "saved base layer")
         src = spec.by_key[pk.key]
-        info, _ = acc.resolve(target, f"adapter {idx} key {pk.key!r}")
+        info, via = acc.resolve(target, f"adapter {idx} key {pk.key!r}")
         if info is None:
+            if via == "ambiguous":
+                continue
             if _is_head(target) and _tied_head(acc.base):
-                acc.problems.append(
-                    f"adapter {idx} key {pk.key!r} replaces the output head, but the base ties lm_head to the input "
-                    "embedding (tie_word_embeddings, no lm_head.weight on disk); untying is not supported yet")
+                acc.problems.append(f"adapter {idx} key {pk.key!r} replaces lm_head, but {TIE_HELP}; untying a "
+                                    "replaced head is not supported")
             else:
                 acc.problems.append(
                     f"adapter {idx} key {pk.key!r} ({reason}) matched no base tensor (looked for {target!r}); "
@@ -118,187 +142,338 @@ def _plan_replacements(acc: _Acc, idx: int, spec: AdapterSpec, keys: Sequence[Pa
             if prev_rep.shape != src.shape:
                 acc.problems.append(f"adapter {idx}: {pk.key!r} and {prev_rep.key!r} disagree on the shape of "
                                     f"{info.name!r}")
-            continue  # the wrapper's copy of the trained tensor saved next to the plain key
+            continue  # the wrapper's copy of the trained tensor, saved next to the plain key
         if prev_rep is not None:
             acc.problems.append(f"{info.name!r} is replaced by two adapter tensors "
-                                f"({acc.replacements[info.name].key!r} and {pk.key!r})")
+                                f"({prev_rep.key!r} and {pk.key!r})")
             continue
         acc.replacements[info.name] = Replacement(info.name, idx, pk.key, reason, src.shape)
 
 
-def _plan_modules(acc: _Acc, idx: int, spec: AdapterSpec, groups: Mapping[str, dict[str, ParsedKey]]) -> None:
+def _lora_kind(acc: _Acc, module: str, emb: bool, a: AdapterTensor, b: AdapterTensor, wshape: tuple[int, ...],
+               name: str, fifo: bool, where: str) -> str | None:
+    """linear / conv1d / embedding / conv from the shapes (and the architecture for square Conv1D)."""
+    if emb:
+        if len(a.shape) == 2 and len(b.shape) == 2 and wshape == (a.shape[1], b.shape[0]):
+            return "embedding"
+    elif len(wshape) >= 3:
+        k = wshape[2:]
+        if len(a.shape) != len(wshape) or len(b.shape) != len(wshape):
+            pass
+        elif a.shape[1] != wshape[1]:
+            acc.problems.append(f"{where}: {name!r} is a grouped convolution ({wshape[1]} input channels per group, "
+                                f"lora_A has {a.shape[1]}); PEFT cannot merge groups > 1 either")
+            return None
+        elif len(wshape) == 5 and tuple(wshape[2:4]) == (1, 1):
+            acc.problems.append(f"{where}: Conv3d kernel {list(k)} starts with (1, 1), which PEFT's merge "
+                                "mishandles; refusing rather than guessing")
+            return None
+        elif (tuple(a.shape[2:]) == k and b.shape[0] == wshape[0] and b.shape[1] == a.shape[0]
+              and all(d == 1 for d in b.shape[2:])):
+            return "conv"
+    elif len(a.shape) == 2 and len(b.shape) == 2 and len(wshape) == 2:
+        as_linear = wshape == (b.shape[0], a.shape[1])
+        as_conv1d = wshape == (a.shape[1], b.shape[0])
+        if as_linear and as_conv1d:
+            return "conv1d" if is_conv1d_module(module, _text_cfg(acc.base, "model_type"), fifo) else "linear"
+        if as_linear or as_conv1d:
+            return "linear" if as_linear else "conv1d"
+    acc.problems.append(f"{where}: shape mismatch: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
+                        f"base tensor {name!r} {list(wshape)}")
+    return None
+
+
+def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dict[str, ParsedKey],
+                 info: TensorInfo, via: str, ranks, alphas, target_name: str | None = None) -> None:
+    """One LoRA module onto one 2-D/N-D base tensor (`target_name` renames it: the untied head)."""
     st = spec.settings
+    where = f"adapter {idx} module {module!r}"
+    emb = "emb_A" in roles
+    ka, kb = roles["emb_A" if emb else "A"], roles["emb_B" if emb else "B"]
+    a, b = spec.by_key[ka.key], spec.by_key[kb.key]
+    name = target_name or info.name
+    if info.dtype not in FLOAT_DTYPES:
+        acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; only F32/F16/BF16/F64 weights "
+                            "can be merged (quantized bases are not supported)")
+        return
+    if any(x.dtype not in FLOAT_DTYPES for x in (a, b)):
+        acc.problems.append(f"{where}: LoRA factors must be float tensors")
+        return
+    rep = acc.replacements.get(info.name) if target_name is None else None
+    wshape = rep.shape if rep else info.shape
+    if len(a.shape) < 2 or len(b.shape) < 2 or b.shape[1] != a.shape[0]:
+        acc.problems.append(f"{where}: rank mismatch between {ka.key!r} {list(a.shape)} and {kb.key!r} "
+                            f"{list(b.shape)}")
+        return
+    kind = _lora_kind(acc, module, emb, a, b, wshape, info.name, st.fan_in_fan_out, where)
+    if kind is None:
+        return
+    got = _scale(st, ranks, alphas, module, a.shape[0], where, acc)
+    if got is None:
+        return
+    r, alpha, scale = got
+    mag = roles.get("magnitude")
+    if st.use_dora:
+        if mag is None:
+            acc.problems.append(f"{where}: use_dora is set but the file has no lora_magnitude_vector for it "
+                                "(PEFT would silently re-initialise it); the adapter is incomplete")
+            return
+        m = spec.by_key[mag.key]
+        want = {"linear": (wshape[0],), "conv1d": (wshape[1],), "embedding": (wshape[1],),
+                "conv": (1, wshape[0]) + (1,) * (len(wshape) - 2)}[kind]
+        if tuple(m.shape) != want:
+            acc.problems.append(f"{where}: lora_magnitude_vector has shape {list(m.shape)}, expected {list(want)}")
+            return
+        if spec.weight != 1.0:
+            acc.problems.append(f"{where}: a DoRA adapter cannot be weighted (weight {spec.weight:g}): DoRA rescales "
+                                "whole weight rows, so a weighted sum has no defined meaning")
+            return
+    elif mag is not None:
+        acc.problems.append(f"{where}: file has {mag.key!r} (DoRA) but use_dora is false in the config")
+        return
+    acc.add(LoraPatch(module=module, target=name, kind=kind, adapter=idx, a_key=ka.key, b_key=kb.key, rank=r,
+                      alpha=alpha, scale=scale, weight=spec.weight, double_round=kind == "embedding",
+                      magnitude_key=mag.key if (mag and st.use_dora) else None), via)
+    if "B_bias" in roles:
+        bias_key = roles["B_bias"]
+        binfo, _ = acc.resolve(module + ".bias", where)
+        bb = spec.by_key[bias_key.key]
+        if binfo is None:
+            acc.problems.append(f"{where}: lora_bias needs a base bias {module + '.bias'!r}, but the base has none "
+                                "(PEFT raises here too)")
+        elif binfo.shape != bb.shape or binfo.dtype not in FLOAT_DTYPES:
+            acc.problems.append(f"{where}: lora_B bias {list(bb.shape)} does not fit {binfo.name!r} "
+                                f"{list(binfo.shape)} {binfo.dtype}")
+        else:
+            acc.add(LoraPatch(module=module, target=binfo.name, kind="bias", adapter=idx, a_key=None,
+                              b_key=bias_key.key, rank=r, alpha=alpha, scale=scale, weight=spec.weight), via)
+
+
+def _plan_param(acc: _Acc, idx: int, spec: AdapterSpec, module: str, by_depth: dict[int, dict[str, ParsedKey]],
+                ranks, alphas) -> None:
+    """LoRA on raw parameters (target_parameters): fused MoE experts, on disk fused or one expert at a time."""
+    st = spec.settings
+    where = f"adapter {idx} module {module!r}"
+    params = targeted_params(module, st.target_parameters)
+    if len(params) < len(by_depth):
+        acc.problems.append(f"{where}: {len(by_depth)} nested LoRA pairs but target_parameters selects "
+                            f"{params or 'no parameter'} of this module")
+        return
+    taken: set[str] = set()
+    for depth in sorted(by_depth):
+        roles = by_depth[depth]
+        if "A" not in roles or "B" not in roles:
+            have = next(iter(roles.values())).key
+            acc.problems.append(f"{where}: has {have!r} but its lora_{'B' if 'A' in roles else 'A'} pair is missing")
+            continue
+        if "magnitude" in roles or "B_bias" in roles:
+            acc.problems.append(f"{where}: DoRA and lora_bias are not defined for target_parameters (PEFT refuses)")
+            continue
+        a, b = spec.by_key[roles["A"].key], spec.by_key[roles["B"].key]
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+            acc.problems.append(f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are not a LoRA pair")
+            continue
+        # PEFT nests the last registered parameter outermost (depth 0); shapes confirm or correct the guess.
+        order = [params[len(params) - 1 - depth]] + [p for p in params if p != params[len(params) - 1 - depth]]
+        found = None
+        for pname in order:
+            if pname in taken:
+                continue
+            layout = _param_layout(acc, module, pname, a.shape[1], b.shape[0])
+            if layout is not None and a.shape[0] % layout[0] == 0:
+                found = (pname, layout)
+                break
+        if found is None:
+            acc.problems.append(f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} fit none of the base "
+                                f"tensors for parameters {params} (looked for fused and per-expert layouts)")
+            continue
+        pname, (experts, targets) = found
+        taken.add(pname)
+        got = _scale(st, ranks, alphas, f"{module}.{pname}", a.shape[0] // experts, where, acc)
+        if got is None:
+            continue
+        r, alpha, scale = got
+        for info, expert, offset in targets:
+            if info.dtype not in FLOAT_DTYPES:
+                acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; cannot merge")
+                break
+            acc.add(LoraPatch(module=f"{module}.{pname}", target=info.name, kind="param", adapter=idx,
+                              a_key=roles["A"].key, b_key=roles["B"].key, rank=r, alpha=alpha, scale=scale,
+                              weight=spec.weight, double_round=True, experts=experts, expert=expert,
+                              row_offset=offset), "fused" if expert is None else "per-expert")
+
+
+def _param_layout(acc: _Acc, module: str, pname: str, n_in: int, n_out: int
+                  ) -> tuple[int, list[tuple[TensorInfo, int | None, int]]] | None:
+    """(expert count, [(tensor, expert or None, row offset)]) for parameter `pname` of `module` whose delta is
+    (E, n_out, n_in), or None when the base has no matching tensors."""
+    fused, _ = acc.resolve(f"{module}.{pname}", module)
+    if fused is not None:
+        if len(fused.shape) == 3 and fused.shape[1:] == (n_out, n_in):
+            return fused.shape[0], [(fused, None, 0)]
+        if len(fused.shape) == 2 and fused.shape == (n_out, n_in):
+            return 1, [(fused, 0, 0)]
+        return None
+    for parts in PER_EXPERT_PARTS.get(pname, ()):
+        targets: list[tuple[TensorInfo, int | None, int]] = []
+        e = 0
+        while True:
+            infos = [acc.resolver.resolve(f"{module}.{e}.{part}.weight")[0] for part in parts]
+            if any(i is None for i in infos):
+                break
+            offset = 0
+            for name in infos:
+                info = acc.base.tensors[name]  # type: ignore[index]
+                if len(info.shape) != 2 or info.shape[1] != n_in:
+                    return None
+                targets.append((info, e, offset))
+                offset += info.shape[0]
+            if offset != n_out:
+                return None
+            e += 1
+        if targets:
+            return e, targets
+    return None
+
+
+def _group_keys(acc: _Acc, idx: int, spec: AdapterSpec):
+    groups: dict[tuple[str, int], dict[str, ParsedKey]] = {}
+    replace: list[ParsedKey] = []
+    originals: list[ParsedKey] = []
+    names: set[str] = set()
+    for t in spec.tensors:
+        pk = parse_key(t.key)
+        if isinstance(pk, str):
+            acc.problems.append(f"adapter {idx} key {t.key!r}: {pk}")
+            continue
+        if pk.adapter_name:
+            names.add(pk.adapter_name)
+        if pk.role == "replace":
+            replace.append(pk)
+        elif pk.role == "original":
+            originals.append(pk)
+        elif pk.role == "tokens":
+            acc.problems.append(f"adapter {idx} key {t.key!r}: trainable tokens are not supported yet")
+        else:
+            slot = groups.setdefault((pk.module, pk.depth), {})
+            if pk.role in slot:
+                acc.problems.append(f"adapter {idx}: two keys for {pk.module} {pk.role}: {slot[pk.role].key!r} "
+                                    f"and {t.key!r}")
+            slot[pk.role] = pk
+    if len(names) > 1:
+        acc.problems.append(f"adapter {idx} holds weights of several adapters ({', '.join(sorted(names))}); "
+                            "save each adapter in its own folder")
+    replace.sort(key=lambda k: ".modules_to_save." in k.key)  # plain keys first
+    return groups, replace, originals
+
+
+def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> None:
+    st = spec.settings
+    groups, replace, originals = _group_keys(acc, idx, spec)
+    _plan_replacements(acc, idx, spec, replace, vocab)
+    for pk in originals:
+        target, _, _ = acc.resolver.resolve(pk.replace_target)
+        rep = acc.replacements.get(target or "")
+        if rep is None or rep.adapter != idx:
+            acc.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original module but "
+                                "the file has no trained copy of it to merge")
     try:
         ranks = compile_patterns(st.rank_pattern, "rank_pattern")
         alphas = compile_patterns(st.alpha_pattern, "alpha_pattern")
     except ValueError as exc:
         acc.problems.append(f"adapter {idx}: {exc}")
         return
-    model_type = _model_type(acc.base)
-    tied = _tied_head(acc.base)
-    for module, roles in sorted(groups.items()):
+    nested: dict[str, dict[int, dict[str, ParsedKey]]] = {}
+    for (module, depth), roles in sorted(groups.items()):
+        if st.target_parameters and (depth > 0 or targeted_params(module, st.target_parameters)) \
+                and acc.resolver.resolve(module + ".weight")[0] is None:
+            nested.setdefault(module, {})[depth] = roles
+            continue
         where = f"adapter {idx} module {module!r}"
-        if "magnitude" in roles:
-            acc.problems.append(f"{where}: has a DoRA magnitude vector but DoRA is not supported yet")
+        if depth:
+            acc.problems.append(f"{where}: nested base_layer LoRA keys but target_parameters does not select it")
             continue
         emb = "emb_A" in roles or "emb_B" in roles
         a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")
-        if (a_role in roles) != (b_role in roles):
-            have, miss = (a_role, b_role) if a_role in roles else (b_role, a_role)
-            acc.problems.append(f"{where}: has {roles[have].key!r} but its pair "
-                                f"{'lora_embedding_' if emb else 'lora_'}{miss[-1]} is missing")
+        if (a_role in roles) != (b_role in roles) or a_role not in roles:
+            have = next(iter(roles.values())).key
+            miss = (b_role if a_role in roles else a_role)[-1]
+            acc.problems.append(f"{where}: has {have!r} but its pair {'lora_embedding_' if emb else 'lora_'}{miss} "
+                                "is missing")
             continue
         if "B_bias" in roles and not st.lora_bias:
             acc.problems.append(f"{where}: file has {roles['B_bias'].key!r} but lora_bias is false in the config")
             continue
-        if a_role not in roles:
-            acc.problems.append(f"{where}: has only {', '.join(k.key for k in roles.values())}, no LoRA pair")
-            continue
-        ka, kb = roles[a_role], roles[b_role]
-        a, b = spec.by_key[ka.key], spec.by_key[kb.key]
         info, via = acc.resolve(module + ".weight", where)
         if info is None:
-            if via != "ambiguous":
-                if _is_head(module) and tied:
-                    acc.problems.append(f"{where}: the adapter changes lm_head, but the base ties lm_head to the "
-                                        "input embedding (tie_word_embeddings, no lm_head.weight on disk); "
-                                        "untying is not supported yet")
-                else:
-                    acc.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); "
-                                        "is this adapter for another model? else add a key_map rule")
-            continue
-        if info.dtype not in FLOAT_DTYPES:
-            acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; only F32/F16/BF16/F64 "
-                                "weights can be merged (quantized bases are not supported)")
-            continue
-        rep = acc.replacements.get(info.name)
-        wshape = rep.shape if rep else info.shape
-        if any(x.dtype not in FLOAT_DTYPES for x in (a, b)):
-            acc.problems.append(f"{where}: LoRA factors must be float tensors")
-            continue
-        if len(a.shape) != 2 or len(b.shape) != 2 or len(wshape) != 2:
-            if len(wshape) > 2 or len(a.shape) > 2:
-                acc.problems.append(f"{where}: LoRA on convolution weights ({info.name!r}, shape {list(wshape)}) "
-                                    "is not supported yet")
+            if via == "ambiguous":
+                continue
+            if _is_head(module) and _tied_head(acc.base):
+                acc.head_modules.append((idx, module, roles))
             else:
-                acc.problems.append(f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit base "
-                                    f"tensor {info.name!r} {list(wshape)}")
+                acc.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); is this "
+                                    "adapter for another model? else add a key_map rule")
             continue
-        r_file = a.shape[0]
-        if b.shape[1] != r_file:
-            acc.problems.append(f"{where}: rank mismatch between {ka.key!r} {list(a.shape)} and {kb.key!r} "
-                                f"{list(b.shape)}")
-            continue
-        if emb:
-            kind = "embedding"
-            fits = wshape == (a.shape[1], b.shape[0])
-        else:
-            as_linear = wshape == (b.shape[0], a.shape[1])
-            as_conv1d = wshape == (a.shape[1], b.shape[0])
-            if as_linear and as_conv1d:
-                kind = "conv1d" if is_conv1d_module(module, model_type, st.fan_in_fan_out) else "linear"
-            else:
-                kind = "linear" if as_linear else "conv1d"
-            fits = as_linear or as_conv1d
-        if not fits:
-            want = (a.shape[1], b.shape[0]) if emb else (b.shape[0], a.shape[1])
-            acc.problems.append(f"{where}: shape mismatch: lora_A {list(a.shape)} and lora_B {list(b.shape)} make a "
-                                f"{list(want)} delta but base tensor {info.name!r} is {list(wshape)}")
-            continue
-        r = pattern_value(ranks, module, st.r)
-        alpha = pattern_value(alphas, module, st.lora_alpha)
-        if r != r_file:
-            acc.problems.append(f"{where}: rank mismatch: the config gives r={r} but the weights have rank "
-                                f"{r_file} ({ka.key!r} {list(a.shape)}); fix rank_pattern or r in adapter_config.json")
-            continue
-        scale = alpha / math.sqrt(r) if st.use_rslora else alpha / r
-        patch = LoraPatch(module=module, target=info.name, kind=kind, adapter=idx, a_key=ka.key, b_key=kb.key,
-                          rank=r, alpha=float(alpha), scale=scale, weight=spec.weight,
-                          double_round=kind == "embedding")
-        acc.patches.setdefault(info.name, []).append(patch)
-        acc.mapping.append(ModuleMapping(idx, module, info.name, kind, r, float(alpha), scale, via))
-        if tied and (kind == "embedding" or vocab_row_tensor(acc.base, info)):
-            acc.problems.append(f"{where}: changes {info.name!r}, which the base also uses as its output head "
-                                "(tie_word_embeddings, no lm_head.weight on disk), so the head would change too; "
-                                "untying is not supported yet")
-        if "B_bias" in roles:
-            bias_key = roles["B_bias"]
-            binfo, _ = acc.resolve(module + ".bias", where)
-            bb = spec.by_key[bias_key.key]
-            if binfo is None:
-                acc.problems.append(f"{where}: lora_bias needs a base bias {module + '.bias'!r}, but the base has "
-                                    "none (PEFT raises here too)")
-            elif binfo.shape != bb.shape or binfo.dtype not in FLOAT_DTYPES:
-                acc.problems.append(f"{where}: lora_B bias {list(bb.shape)} does not fit {binfo.name!r} "
-                                    f"{list(binfo.shape)} {binfo.dtype}")
-            else:
-                acc.patches.setdefault(binfo.name, []).append(LoraPatch(
-                    module=module, target=binfo.name, kind="bias", adapter=idx, a_key=None, b_key=bias_key.key,
-                    rank=r, alpha=float(alpha), scale=scale, weight=spec.weight))
+        _plan_module(acc, idx, spec, module, roles, info, via, ranks, alphas)
         if isinstance(st.target_modules, (str, list)) and peft_targets(
                 module, st.target_modules, st.exclude_modules, st.layers_to_transform, st.layers_pattern) is False:
-            msg = (f"{where}: the file has LoRA weights for this module but target_modules/layers_to_transform "
-                   "do not select it (PEFT would ignore them; stream-merge applies them)")
-            (acc.problems if acc.strict else acc.warnings).append(msg)
+            (acc.problems if acc.options.strict else acc.warnings).append(
+                f"{where}: the file has LoRA weights for this module but target_modules/layers_to_transform do not "
+                "select it (PEFT would ignore them; stream-merge applies them)")
+    for module, by_depth in nested.items():
+        _plan_param(acc, idx, spec, module, by_depth, ranks, alphas)
 
 
-def vocab_row_tensor(base: BaseIndex, info: TensorInfo) -> bool:
-    """Is this the input embedding (2-D, one row per vocabulary entry)?"""
-    vocab = _vocab_size(base)
-    leaf = info.name.rsplit(".", 2)[-2] if info.name.count(".") >= 1 else info.name
-    return (vocab is not None and len(info.shape) == 2 and info.shape[0] == vocab
-            and any(s in leaf for s in ("embed", "wte", "tok_embeddings", "word_embeddings")))
+def _head_name(base: BaseIndex) -> str:
+    return "language_model.lm_head.weight" if any(n.startswith("language_model.model.") for n in base.tensors) \
+        else "lm_head.weight"
+
+
+def _tie_policy(acc: _Acc, adapters: Sequence[AdapterSpec]) -> TensorPlan | None:
+    """Tied bases: refuse changes to the shared tensor, or (--untie) add a separate head. Returns the new
+    head tensor, which goes into the embedding's shard."""
+    if not _tied_head(acc.base):
+        return None
+    embeds = [i for i in acc.base.tensors.values() if vocab_row_tensor(acc.base, i)]
+    touched = [n for n in list(acc.patches) + list(acc.replacements) if any(e.name == n for e in embeds)]
+    if not touched and not acc.head_modules:
+        return None
+    if not acc.options.untie:
+        what = ", ".join(sorted({*touched, *(f"{m} (LoRA)" for _, m, _ in acc.head_modules)}))
+        acc.problems.append(f"the adapter changes {what}, but {TIE_HELP}")
+        return None
+    if len(embeds) != 1:
+        acc.problems.append(f"--untie: cannot tell which tensor is the tied input embedding "
+                            f"({', '.join(e.name for e in embeds) or 'none found'})")
+        return None
+    emb = embeds[0]
+    rep = acc.replacements.get(emb.name)
+    if rep is not None and rep.reason == "modules_to_save":
+        acc.problems.append(f"--untie with a trained copy of {emb.name!r} (modules_to_save) is ambiguous: the tied "
+                            "head would follow either copy; merge with an untied base instead")
+        return None
+    name = _head_name(acc.base)
+    for idx, module, roles in acc.head_modules:
+        spec = adapters[idx]
+        ranks = compile_patterns(spec.settings.rank_pattern, "rank_pattern")
+        alphas = compile_patterns(spec.settings.alpha_pattern, "alpha_pattern")
+        _plan_module(acc, idx, spec, module, roles, emb, "untied", ranks, alphas, target_name=name)
+    acc.config_updates["tie_word_embeddings"] = False
+    return TensorPlan(name=name, dtype=emb.dtype, shape=rep.shape if rep else emb.shape, source=emb,
+                      replace=Replacement(name, rep.adapter, rep.key, rep.reason, rep.shape) if rep else None,
+                      patches=tuple(acc.patches.get(name, ())))
 
 
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:
     """Map every adapter tensor to the base tensor it changes; collect every problem."""
-    acc = _Acc(base=base, resolver=TargetResolver(base.tensors.keys(), options.key_map), strict=options.strict)
+    acc = _Acc(base=base, resolver=TargetResolver(base.tensors.keys(), options.key_map), options=options)
     vocab = _vocab_size(base)
-    tied = _tied_head(base)
+    if len(adapters) > 1 and any(a.settings.use_dora for a in adapters):
+        acc.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole weight "
+                            "rows, so the result would depend on the order; merge them one after another instead")
     for idx, spec in enumerate(adapters):
-        groups: dict[str, dict[str, ParsedKey]] = {}
-        replace: list[ParsedKey] = []
-        originals: list[ParsedKey] = []
-        names: set[str] = set()
-        for t in spec.tensors:
-            pk = parse_key(t.key)
-            if isinstance(pk, str):
-                acc.problems.append(f"adapter {idx} key {t.key!r}: {pk}")
-                continue
-            if pk.adapter_name:
-                names.add(pk.adapter_name)
-            if pk.role == "replace":
-                replace.append(pk)
-            elif pk.role == "original":
-                originals.append(pk)
-            elif pk.role == "tokens":
-                acc.problems.append(f"adapter {idx} key {t.key!r}: trainable tokens are not supported yet")
-            elif pk.role == "nested":
-                acc.problems.append(f"adapter {idx} key {t.key!r}: nested base_layer LoRA keys (target_parameters) "
-                                    "are not supported yet")
-            else:
-                slot = groups.setdefault(pk.module, {})
-                if pk.role in slot:
-                    acc.problems.append(f"adapter {idx}: two keys for {pk.module} {pk.role}: "
-                                        f"{slot[pk.role].key!r} and {t.key!r}")
-                slot[pk.role] = pk
-        if len(names) > 1:
-            acc.problems.append(f"adapter {idx} holds weights of several adapters ({', '.join(sorted(names))}); "
-                                "save each adapter in its own folder")
-        replace.sort(key=lambda k: ".modules_to_save." in k.key)  # plain keys first
-        _plan_replacements(acc, idx, spec, replace, vocab)
-        for pk in originals:
-            target, _, _ = acc.resolver.resolve(pk.replace_target)
-            rep = acc.replacements.get(target or "")
-            if rep is None or rep.adapter != idx:
-                acc.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original "
-                                    "module but the file has no trained copy of it to merge")
-        if tied:
-            for target, rep in acc.replacements.items():
-                if rep.adapter == idx and vocab_row_tensor(base, base.tensors[target]):
-                    acc.problems.append(f"adapter {idx} key {rep.key!r} replaces {target!r}, which the base also uses "
-                                        "as its output head (tie_word_embeddings); untying is not supported yet")
-        _plan_modules(acc, idx, spec, groups)
+        _plan_adapter(acc, idx, spec, vocab)
+    head = _tie_policy(acc, adapters)
     if "vocab_size" in acc.config_updates and vocab is not None:
         new = acc.config_updates["vocab_size"]
         for name, info in base.tensors.items():
@@ -312,8 +487,11 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
             rep = acc.replacements.get(t.name)
             tps.append(TensorPlan(name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t,
                                   replace=rep, patches=tuple(acc.patches.get(t.name, ()))))
+        if head is not None and head.source.name in h.by_name:
+            tps.append(head)
         shards.append(ShardPlan(file=h.file, tensors=tuple(tps), in_bytes=h.size,
-                                header_unchanged=all(tp.shape == tp.source.shape for tp in tps)))
+                                header_unchanged=len(tps) == len(h.tensors)
+                                and all(tp.shape == tp.source.shape for tp in tps)))
     return MergePlan(base=base, adapters=tuple(adapters), shards=tuple(shards), mapping=tuple(acc.mapping),
                      config_updates=dict(acc.config_updates), warnings=tuple(acc.warnings),
                      problems=tuple(acc.problems))

@@ -110,7 +110,7 @@ class LoraSettings:
     layers_to_transform: Any = None
     layers_pattern: Any = None
     modules_to_save: tuple[str, ...] = ()
-    trainable_token_indices: Any = None
+    target_parameters: tuple[str, ...] = ()
     ensure_weight_tying: bool = False
 
 
@@ -136,8 +136,11 @@ class AdapterSpec:
 class LoraPatch:
     """One adapter module's low-rank contribution to one base tensor.
 
-    kind: "linear" (W is (out,in)), "conv1d" (HF Conv1D, W is (in,out)), "embedding" (W is (vocab,dim))
-    or "bias" (lora_bias: b += lora_B.bias * scale).
+    kind: "linear" (W is (out,in)), "conv1d" (HF Conv1D, W is (in,out)), "embedding" (W is (vocab,dim)),
+    "conv" (ConvNd, W is (out,in,*k)), "bias" (lora_bias: b += lora_B.bias * scale) or "param" (LoRA on a
+    raw parameter, `target_parameters`: A is (r·E, in), B is (out, r·E); the target is the whole (E,out,in)
+    tensor, or expert `expert`'s rows starting at `row_offset` of the fused delta when experts are stored one
+    by one on disk). `magnitude_key` makes it a DoRA patch.
     """
 
     module: str
@@ -151,6 +154,10 @@ class LoraPatch:
     scale: float
     weight: float = 1.0
     double_round: bool = False
+    magnitude_key: str | None = None
+    experts: int = 0
+    expert: int | None = None
+    row_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,9 @@ class Replacement:
 
 @dataclass(frozen=True)
 class TensorPlan:
+    """One output tensor. `source` is the base tensor it starts from; for a tensor the merge adds (an
+    untied lm_head) the name differs from the source's."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]

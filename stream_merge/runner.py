@@ -160,7 +160,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     base = read_index(base_src.path, label=cfg.base)
     specs = [load_adapter(src.path, weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
-    plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict))
+    plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie))
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
@@ -190,7 +190,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
     options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle")}
+               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie")}
     inputs = _inputs_record(base_src, adapter_srcs, plan)
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -92,7 +93,7 @@ def parse_header(head: bytes, file_size: int, label: str) -> ShardHeader:
         raise _bad(label, "__metadata__ must map strings to strings")
     tensors = []
     for name, entry in obj.items():
-        if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        if not name or any(unicodedata.category(c) == "Cc" for c in name):
             raise _bad(label, f"tensor name {name!r} is empty or holds control characters")
         if not isinstance(entry, dict):
             raise _bad(label, "header entry is not an object", name)

@@ -18,8 +18,8 @@ import torch
 
 from .adapter import AdapterReader
 from .errors import NonFiniteError
-from .lora import apply_delta, combine, delta_rows, row_blocks
-from .records import ShardPlan, ShardResult, TensorPlan, numel
+from .lora import apply_delta, combine, conv_delta, delta_rows, dora_apply, param_delta_rows, row_blocks
+from .records import LoraPatch, ShardPlan, ShardResult, TensorPlan, numel
 from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes, tensor_bytes
 
 COPY_CHUNK = 16 * 1024 * 1024
@@ -55,6 +55,17 @@ def _load_factor(adapters: Sequence[AdapterReader], adapter: int, key: str, devi
     return t
 
 
+def _delta(p: LoraPatch, a: torch.Tensor | None, b: torch.Tensor, shape: tuple[int, ...], r0: int, r1: int
+           ) -> torch.Tensor:
+    if p.kind == "conv":
+        assert a is not None
+        return conv_delta(a, b, p.scale, shape)[r0:r1]
+    if p.kind == "param":
+        assert a is not None
+        return param_delta_rows(a, b, p.scale, p.experts, p.expert, p.row_offset, r0, r1)
+    return delta_rows(p.kind, a, b, p.scale, r0, r1)
+
+
 def _merged_blocks(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader],
                    compute: Compute) -> Iterator[bytearray]:
     dtype = TORCH_DTYPES[tp.dtype]
@@ -63,9 +74,14 @@ def _merged_blocks(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapt
     rows, row_elems = shape[0], numel(shape[1:])
     factors = [(p, _load_factor(adapters, p.adapter, p.a_key, dev) if p.a_key else None,
                 _load_factor(adapters, p.adapter, p.b_key, dev)) for p in tp.patches]
+    dora = tp.patches[0] if len(tp.patches) == 1 and tp.patches[0].magnitude_key else None
+    magnitude = _load_factor(adapters, dora.adapter, dora.magnitude_key, dev) if dora else None
     double = len(tp.patches) == 1 and tp.patches[0].weight == 1.0 and tp.patches[0].double_round
     want = max(1, compute.block_bytes // max(1, row_elems * 4))
-    for r0, r1 in row_blocks(rows, want, [p.kind for p in tp.patches]):
+    kinds = [p.kind for p in tp.patches]
+    if dora is not None and dora.kind != "linear":
+        kinds.append("conv")  # column norms (Conv1D, Embedding) and conv norms need the whole tensor
+    for r0, r1 in row_blocks(rows, want, kinds):
         if tp.replace is not None:
             rep = adapters[tp.replace.adapter]
             src = rep.rows(tp.replace.key, r0, r1) if tp.shape else rep.tensor(tp.replace.key).reshape(1)
@@ -74,8 +90,13 @@ def _merged_blocks(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapt
             w = reader.read_rows(tp.source, r0, r1) if tp.shape else reader.read_tensor(tp.source).reshape(1)
         if factors:
             wd = w.to(dev)
-            delta = combine([(delta_rows(p.kind, a, b, p.scale, r0, r1), p.weight) for p, a, b in factors])
-            merged = apply_delta(wd, delta, double)
+            delta = combine([(_delta(p, a, b, tp.shape, r0, r1), p.weight) for p, a, b in factors])
+            if dora is not None:
+                assert magnitude is not None
+                m = magnitude[r0:r1] if dora.kind == "linear" else magnitude
+                merged = dora_apply(dora.kind, wd, delta, m)
+            else:
+                merged = apply_delta(wd, delta, double)
             if compute.check_finite:
                 bad = ~torch.isfinite(merged)
                 if bool(bad.any()) and bool((bad & torch.isfinite(wd)).any()):
@@ -105,7 +126,7 @@ def shard_chunks(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapt
             i += 1
             continue
         start, end = tp.source.start, tp.source.end
-        while i + 1 < len(ordered) and ordered[i + 1].action == "copy":
+        while i + 1 < len(ordered) and ordered[i + 1].action == "copy" and ordered[i + 1].source.start == end:
             i += 1
             end = ordered[i].source.end
         i += 1

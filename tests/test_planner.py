@@ -62,8 +62,8 @@ def test_config_rank_must_match_weights(pair: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("peft_type", "LOHA"), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
-    ("target_parameters", ["mlp.experts.gate_up_proj"]), ("layer_replication", [[0, 2]]), ("use_qalora", True),
+    ("peft_type", "LOHA"), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+    ("trainable_token_indices", [1, 2]), ("layer_replication", [[0, 2]]), ("use_qalora", True),
     ("alora_invocation_tokens", [1, 2]), ("brand_new_field", {"x": 1}), ("kasa_config", {"k": 1}),
 ])
 def test_unsupported_fields_are_refused_by_name(pair: tuple[Path, Path], field: str, value: object) -> None:
