@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     m.add_argument("--dry-run", action="store_true", default=None, help="plan and check only; write nothing")
     m.add_argument("--fresh", action="store_true", default=None, help="discard a previous partial output in OUT")
-    m.add_argument("--block-size-mb", type=int, help="fp32 row-block budget per patched tensor (default 64)")
+    m.add_argument("--block-size-mb", type=int, help="fp32 row-block budget per patched tensor (default 16)")
     m.add_argument("--no-check-finite", dest="check_finite", action="store_false", default=None,
                    help="skip the NaN/Inf check on merged tensors")
     m.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -122,11 +122,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except PlanError:
         # Show the whole plan with its problems, then fail.
         from .adapter import load_adapter
-        from .checkpoint import read_index
         from .sources import resolve_source
 
-        base = read_index(resolve_source(cfg.base, "BASE").path, label=cfg.base)
-        specs = [load_adapter(resolve_source(a, "ADAPTER").path, weight=w, allow_pickle=cfg.allow_pickle)
+        base = resolve_source(cfg.base, "BASE").base_index(cfg.base)
+        specs = [load_adapter(resolve_source(a, "ADAPTER").folder(), weight=w, allow_pickle=cfg.allow_pickle)
                  for a, w in zip(cfg.adapters, cfg.adapter_weights)]
         plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie))
         if args.json:

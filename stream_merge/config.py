@@ -31,7 +31,7 @@ class MergeConfig:
     allow_pickle: bool = False
     untie: bool = False
     key_map: tuple[tuple[str, str], ...] = ()
-    block_size_mb: int = 64
+    block_size_mb: int = 16
     check_finite: bool = True
     copy_extras: bool = True
 

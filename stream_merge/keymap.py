@@ -34,6 +34,24 @@ RENAMES: tuple[tuple[str, str], ...] = (
     (r"\.block_sparse_moe\.", ".mlp."),
 )
 
+# Model types whose MoE blocks transformers v5 fuses and for which PEFT 0.21 converts adapters at load time
+# (transformers conversion_mapping._MODEL_TO_CONVERSION_PATTERN -> mixtral / qwen2_moe, plus mixtral itself):
+# PEFT then merges a LoRA on the router `mlp.gate` as a raw parameter (`gate.weight`), rounding twice.
+PEFT_CONVERTED_MOE = frozenset({
+    "mixtral", "minimax", "minimax_m2", "Dots3NoteTextModel", "afmoe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "dots1", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm4v_moe", "longcat_flash", "solar_open",
+    "mellum", "qwen3_moe", "beam", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text", "qwen3_next",
+    "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe", "cohere2_moe",
+})
+
+
+def is_converted_router(module: str, model_type: str | None) -> bool:
+    """A MoE router (`...mlp.gate`) that PEFT merges as a raw parameter for this model type."""
+    parts = module.split(".")
+    return (model_type in PEFT_CONVERTED_MOE and len(parts) >= 2 and parts[-1] == "gate"
+            and parts[-2] in ("mlp", "block_sparse_moe"))
+
+
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 

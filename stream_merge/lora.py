@@ -108,6 +108,23 @@ def dora_apply(kind: str, w: torch.Tensor, delta: torch.Tensor, magnitude: torch
     return (factor * (w + delta)).to(w.dtype)
 
 
+def apply_delta_into(w: torch.Tensor, delta: torch.Tensor, double_round: bool, out: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """`apply_delta` without temporaries: the fp32 sum is formed in `delta` itself (W + Δ and Δ + W are the
+    same IEEE sum) and rounded straight into `out` (a view of the output buffer). Returns the unrounded
+    fp32 result for checks. Same bits as `apply_delta`."""
+    if double_round:
+        rounded = delta.to(w.dtype)
+        if out is None:
+            return w + rounded
+        torch.add(w, rounded, out=out)
+        return out
+    merged = delta.add_(w)
+    if out is not None:
+        out.copy_(merged)
+    return merged
+
+
 def apply_delta(w: torch.Tensor, delta: torch.Tensor, double_round: bool) -> torch.Tensor:
     """Add an fp32 delta to a block of the base in its own dtype.
 

@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, compile_patterns, is_conv1d_module, parse_key,
-                     pattern_value, peft_targets, targeted_params)
+from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, compile_patterns, is_conv1d_module,
+                     is_converted_router, parse_key, pattern_value, peft_targets, targeted_params)
 from .records import (FLOAT_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan, ModuleMapping,
                       Replacement, ShardPlan, TensorInfo, TensorPlan)
 
@@ -42,6 +42,7 @@ class _Acc:
     mapping: list[ModuleMapping] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
+    head_base: Replacement | None = None  # PEFT's saved `lm_head.base_layer.weight` on a tied base
 
     def resolve(self, name: str, what: str) -> tuple[TensorInfo | None, str]:
         target, via, cands = self.resolver.resolve(name)
@@ -113,8 +114,12 @@ def _plan_replacements(acc: _Acc, idx: int, spec: AdapterSpec, keys: Sequence[Pa
             if via == "ambiguous":
                 continue
             if _is_head(target) and _tied_head(acc.base):
-                acc.problems.append(f"adapter {idx} key {pk.key!r} replaces lm_head, but {TIE_HELP}; untying a "
-                                    "replaced head is not supported")
+                if reason == "saved base layer" and acc.head_base is None:
+                    # PEFT saves the head it wrapped (= the tied embedding) next to a LoRA on lm_head
+                    acc.head_base = Replacement(target, idx, pk.key, reason, src.shape)
+                else:
+                    acc.problems.append(f"adapter {idx} key {pk.key!r} replaces lm_head ({reason}), but {TIE_HELP}; "
+                                        "untying a trained head copy is not supported")
             else:
                 acc.problems.append(
                     f"adapter {idx} key {pk.key!r} ({reason}) matched no base tensor (looked for {target!r}); "
@@ -201,6 +206,10 @@ def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dic
         return
     rep = acc.replacements.get(info.name) if target_name is None else None
     wshape = rep.shape if rep else info.shape
+    if len(wshape) >= 3 and len(a.shape) == len(wshape) and a.shape[1] != wshape[1]:
+        acc.problems.append(f"{where}: {info.name!r} is a grouped convolution ({wshape[1]} input channels per group, "
+                            f"lora_A has {a.shape[1]}); PEFT cannot merge groups > 1 either")
+        return
     if len(a.shape) < 2 or len(b.shape) < 2 or b.shape[1] != a.shape[0]:
         acc.problems.append(f"{where}: rank mismatch between {ka.key!r} {list(a.shape)} and {kb.key!r} "
                             f"{list(b.shape)}")
@@ -231,8 +240,10 @@ def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dic
     elif mag is not None:
         acc.problems.append(f"{where}: file has {mag.key!r} (DoRA) but use_dora is false in the config")
         return
+    double = kind == "embedding" or (kind == "linear" and is_converted_router(module, _text_cfg(acc.base,
+                                                                                                "model_type")))
     acc.add(LoraPatch(module=module, target=name, kind=kind, adapter=idx, a_key=ka.key, b_key=kb.key, rank=r,
-                      alpha=alpha, scale=scale, weight=spec.weight, double_round=kind == "embedding",
+                      alpha=alpha, scale=scale, weight=spec.weight, double_round=double,
                       magnitude_key=mag.key if (mag and st.use_dora) else None), via)
     if "B_bias" in roles:
         bias_key = roles["B_bias"]
@@ -437,6 +448,8 @@ def _tie_policy(acc: _Acc, adapters: Sequence[AdapterSpec]) -> TensorPlan | None
     embeds = [i for i in acc.base.tensors.values() if vocab_row_tensor(acc.base, i)]
     touched = [n for n in list(acc.patches) + list(acc.replacements) if any(e.name == n for e in embeds)]
     if not touched and not acc.head_modules:
+        if acc.head_base is not None:
+            acc.problems.append(f"adapter key {acc.head_base.key!r} saves an lm_head but no LoRA on lm_head uses it")
         return None
     if not acc.options.untie:
         what = ", ".join(sorted({*touched, *(f"{m} (LoRA)" for _, m, _ in acc.head_modules)}))
@@ -459,9 +472,14 @@ def _tie_policy(acc: _Acc, adapters: Sequence[AdapterSpec]) -> TensorPlan | None
         alphas = compile_patterns(spec.settings.alpha_pattern, "alpha_pattern")
         _plan_module(acc, idx, spec, module, roles, emb, "untied", ranks, alphas, target_name=name)
     acc.config_updates["tie_word_embeddings"] = False
-    return TensorPlan(name=name, dtype=emb.dtype, shape=rep.shape if rep else emb.shape, source=emb,
-                      replace=Replacement(name, rep.adapter, rep.key, rep.reason, rep.shape) if rep else None,
-                      patches=tuple(acc.patches.get(name, ())))
+    head_rep = acc.head_base or rep
+    if head_rep is not None and head_rep.shape != (rep.shape if rep else emb.shape):
+        acc.problems.append(f"--untie: {head_rep.key!r} has shape {list(head_rep.shape)} but the embedding is "
+                            f"{list(rep.shape if rep else emb.shape)}")
+        return None
+    return TensorPlan(name=name, dtype=emb.dtype, shape=head_rep.shape if head_rep else emb.shape, source=emb,
+                      replace=Replacement(name, head_rep.adapter, head_rep.key, head_rep.reason, head_rep.shape)
+                      if head_rep else None, patches=tuple(acc.patches.get(name, ())))
 
 
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:

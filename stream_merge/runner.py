@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .adapter import AdapterReader, load_adapter
-from .checkpoint import INDEX_NAME, load_json, read_index
+from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
 from .config import MergeConfig
 from .errors import CompatibilityError, MergeInterrupted, OutputError, PlanError
@@ -66,7 +66,7 @@ def _file_digest(path: Path) -> str:
 def _inputs_record(base: Source, adapters: Sequence[Source], plan: MergePlan) -> dict[str, Any]:
     """What identifies the inputs: shard sizes and header digests, adapter file digests, revisions."""
     return {
-        "base": {"spec": base.spec, "path": str(base.path), "revision": base.revision,
+        "base": {"spec": base.spec, "path": str(base.folder()), "revision": base.revision,
                  "shards": {s.file: {"size": s.size, "header_sha256": hashlib.sha256(
                      repr([(t.name, t.dtype, t.shape, t.start, t.end) for t in s.tensors]).encode()).hexdigest()}
                      for s in plan.base.shards}},
@@ -157,8 +157,8 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     """Resolve the inputs and build the plan; no writes. Raises PlanError listing every problem."""
     base_src = resolve_source(cfg.base, "BASE")
     adapter_srcs = [resolve_source(a, "ADAPTER") for a in cfg.adapters]
-    base = read_index(base_src.path, label=cfg.base)
-    specs = [load_adapter(src.path, weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
+    base = base_src.base_index(cfg.base)
+    specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie))
     findings: list[str] = []
@@ -183,7 +183,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         return MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
                            peak_rss_bytes=peak_rss_bytes(), dry_run=True)
     out = Path(cfg.output).expanduser()
-    _check_output_location(out, [base_src.path] + [s.path for s in adapter_srcs])
+    _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
     device = resolve_device(cfg.device)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -205,8 +205,8 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         todo = [s.file for s in plan.shards if s.file not in done]
         _check_disk(out, plan, todo)
         compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024, check_finite=cfg.check_finite)
-        results = _merge_shards(plan, base_src.path, out, journal, done, compute, progress)
-        side = copy_side_files(base_src.path, [Path(a.path) for a in plan.adapters], out, plan.config_updates)
+        results = _merge_shards(plan, base_src, out, journal, done, compute, progress)
+        side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
         labels = [s.spec for s in adapter_srcs]
         write_file_atomic(out / "README.md", model_card(plan, cfg.base, labels))
         write_record(out, {
@@ -222,7 +222,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                        peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(done))
 
 
-def _merge_shards(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, done: dict[str, ShardResult],
+def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
                   compute: Compute, progress: bool | Progress) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     results: list[ShardResult] = []
@@ -238,17 +238,24 @@ def _merge_shards(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, 
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would change the bits (PEFT_SEMANTICS §0)
     try:
+        todo = [s for s in plan.shards if s.file not in done]
+        if todo:
+            base.prefetch(todo[0].file)
         for shard in plan.shards:
             if shard.file in done:
                 results.append(done[shard.file])
                 continue
             header = next(h for h in plan.base.shards if h.file == shard.file)
-            with ShardReader(base_dir / shard.file, header) as reader:
+            nxt = todo.index(shard) + 1
+            if nxt < len(todo):
+                base.prefetch(todo[nxt].file)
+            with ShardReader(base.shard_path(shard.file), header) as reader:
                 res = merge_shard(shard, reader, adapters, out / shard.file, compute,
                                   lambda n, f=shard.file: progress(n, f))
             journal.shards[shard.file] = {"size": res.size, "sha256": res.sha256, "patched": res.patched,
                                           "copied": res.copied}
             journal.save(out)
+            base.release(shard.file)
             results.append(res)
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),

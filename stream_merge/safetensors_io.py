@@ -7,6 +7,7 @@ read with positioned reads into reusable buffers: nothing is memory-mapped, so R
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -67,9 +68,17 @@ def parse_header(head: bytes, file_size: int, label: str) -> ShardHeader:
         kind = _sniff(head)
         raise _bad(label, kind or f"only {file_size} bytes (truncated or empty)")
     (n,) = struct.unpack("<Q", head[:8])
-    kind = _sniff(head[:64])
-    if kind:
-        raise _bad(label, f"the file is {kind}")
+    try:
+        return _parse(head, n, file_size, label)
+    except CheckpointFormatError:
+        # Only now guess what else the file is: a valid header's length bytes can look like a pickle's magic.
+        kind = _sniff(head[:64])
+        if kind:
+            raise _bad(label, f"the file is {kind}") from None
+        raise
+
+
+def _parse(head: bytes, n: int, file_size: int, label: str) -> ShardHeader:
     if n == 0:
         raise _bad(label, "header length is 0 (zero-filled or corrupt file)")
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
@@ -259,16 +268,29 @@ class AtomicFile:
         mv = memoryview(data).cast("B")
         self.hash.update(mv)
         self.size += mv.nbytes
-        while mv:
-            n = self._f.write(mv)
-            mv = mv[n:]
+        try:
+            while mv:
+                n = self._f.write(mv)
+                mv = mv[n:]
+        except OSError as exc:
+            raise self._write_error(exc) from None
+
+    def _write_error(self, exc: OSError) -> OutputError:
+        hint = {errno.ENOSPC: "free disk space (or choose another -o), then re-run to resume",
+                errno.EDQUOT: "raise your disk quota or free space, then re-run to resume",
+                errno.EFBIG: "the file system or a ulimit -f caps the file size; lift it, then re-run to resume"}
+        return OutputError(f"cannot write the output file ({exc.strerror or exc})", file=str(self.final),
+                           fix=hint.get(exc.errno or 0, "check the output disk, then re-run to resume"))
 
     def commit(self) -> tuple[int, str]:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.final.parent)
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.final)
+            fsync_dir(self.final.parent)
+        except OSError as exc:
+            raise self._write_error(exc) from None
         return self.size, self.hash.hexdigest()
 
     def abort(self) -> None:

@@ -1,31 +1,82 @@
-"""Where inputs come from: a local folder now; Hub repos (`org/name[@revision]`) plug in here."""
+"""Where inputs come from. A Source gives the runner headers for planning, small side files, and each base
+shard as a local file just in time (and may delete it once merged). Local folders are the trivial case;
+Hub repos (`org/name[@revision]`) implement the same interface in `hub.py`."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from .checkpoint import read_index
 from .errors import InputError
+from .records import BaseIndex
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
 
 
-@dataclass(frozen=True)
-class Source:
-    """A resolved input: what the user typed, the local folder, and the pinned revision (Hub only)."""
+class Source(Protocol):
+    spec: str                 # what the user typed
+    revision: str | None      # the pinned commit sha for Hub inputs
+    kind: str                 # "local" or "hub"
 
+    @property
+    def protected(self) -> Path | None:
+        """A local folder the output must stay out of (the input itself)."""
+
+    def folder(self) -> Path:
+        """A local folder with the small files (configs, tokenizer; for adapters, the adapter files too)."""
+
+    def base_index(self, label: str) -> BaseIndex:
+        """Index + shard headers, without reading tensor data."""
+
+    def prefetch(self, file: str) -> None:
+        """Start fetching a shard that will be needed soon (no-op when local)."""
+
+    def shard_path(self, file: str) -> Path:
+        """The shard as a local file (waits for a download)."""
+
+    def release(self, file: str) -> None:
+        """The shard's output is committed: delete it if we downloaded it and may not keep it."""
+
+
+@dataclass(frozen=True)
+class LocalSource:
     spec: str
     path: Path
     revision: str | None = None
     kind: str = "local"
 
+    @property
+    def protected(self) -> Path | None:
+        return self.path
 
-def resolve_source(spec: str, what: str) -> Source:
+    def folder(self) -> Path:
+        return self.path
+
+    def base_index(self, label: str) -> BaseIndex:
+        return read_index(self.path, label=label)
+
+    def prefetch(self, file: str) -> None:
+        pass
+
+    def shard_path(self, file: str) -> Path:
+        return self.path / file
+
+    def release(self, file: str) -> None:
+        pass
+
+
+def resolve_source(spec: str, what: str, **hub_options: object) -> Source:
     path = Path(spec).expanduser()
     if path.exists():
-        return Source(spec=spec, path=path.resolve())
+        return LocalSource(spec=spec, path=path.resolve())
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        raise InputError(f"{what} {spec!r} is not a local folder, and downloading from the Hub is not supported "
-                         "in this version", fix="download it first (huggingface-cli download) and pass the folder")
+        try:
+            from .hub import HubSource
+        except ImportError:
+            raise InputError(f"{what} {spec!r} is not a local folder, and downloading from the Hub is not "
+                             "supported in this version", fix="download it first and pass the folder") from None
+        return HubSource.open(spec, what, **hub_options)
     raise InputError(f"{what} folder not found", file=spec, fix="check the path")

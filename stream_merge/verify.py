@@ -73,9 +73,12 @@ def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, 
     try:
         with ShardReader(Path(plan.base.root) / file, base_header) as reader, open(out / file, "rb") as f:
             pos = 0
-            for name, data in shard_chunks(shard, reader, adapters, Compute()):
-                got = f.read(len(data))
-                if got != bytes(data):
+            compute = Compute()
+            buf = bytearray(compute.buffer_bytes)
+            for name, chunk, n in shard_chunks(shard, reader, adapters, compute, lambda: buf):
+                data = memoryview(chunk)[:n]
+                got = f.read(n)
+                if got != data:
                     i = next((k for k in range(min(len(got), len(data))) if got[k] != data[k]), min(len(got), len(data)))
                     where = name or (_tensor_at(header, pos + i) if header else f"byte {pos + i}")
                     report.problems.append(f"{file}: tensor {where!r} differs from a fresh merge of the recorded "
