@@ -42,6 +42,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--untie", action="store_true", default=None,
                    help="for bases that tie lm_head to embed_tokens: write a separate lm_head.weight so an adapter "
                         "may change either one (sets tie_word_embeddings=false)")
+    p.add_argument("--dequantize", action="store_true", default=None,
+                   help="fp8 block-quantized bases: write every fp8 weight as bf16 and drop the scales, instead of "
+                        "re-quantizing the patched weights")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("weights", "strict", "allow_pickle", "untie", "output", "device", "dry_run", "fresh", "block_size_mb",
+    keys = ("weights", "strict", "allow_pickle", "untie", "dequantize", "output", "device", "dry_run", "fresh", "block_size_mb",
             "check_finite")
     opts = {k: getattr(args, k, None) for k in keys}
     opts["key_map"] = _key_map(args.key_map)
@@ -127,7 +130,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         base = resolve_source(cfg.base, "BASE").base_index(cfg.base)
         specs = [load_adapter(resolve_source(a, "ADAPTER").folder(), weight=w, allow_pickle=cfg.allow_pickle)
                  for a, w in zip(cfg.adapters, cfg.adapter_weights)]
-        plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie))
+        plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
+                                                     dequantize=cfg.dequantize))
         if args.json:
             print(json.dumps(plan.summary(), indent=2))
         else:

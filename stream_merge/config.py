@@ -30,6 +30,7 @@ class MergeConfig:
     strict: bool = False
     allow_pickle: bool = False
     untie: bool = False
+    dequantize: bool = False
     key_map: tuple[tuple[str, str], ...] = ()
     block_size_mb: int = 16
     check_finite: bool = True

@@ -26,6 +26,7 @@ class PlanOptions:
     key_map: tuple[tuple[str, str], ...] = ()
     strict: bool = False
     untie: bool = False
+    dequantize: bool = False
 
 
 @dataclass

@@ -160,7 +160,8 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     base = base_src.base_index(cfg.base)
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
-    plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie))
+    plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
+                                                 dequantize=cfg.dequantize))
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
@@ -190,7 +191,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
     options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie")}
+               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize")}
     inputs = _inputs_record(base_src, adapter_srcs, plan)
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],

@@ -62,7 +62,8 @@ def _rebuild_plan(record: dict) -> MergePlan:
     inputs, opts = record["inputs"], record.get("options", {})
     cfg = build_config(base=inputs["base"]["path"], adapters=[a["path"] for a in inputs["adapters"]],
                        weights=[a["weight"] for a in inputs["adapters"]], key_map=opts.get("key_map") or None,
-                       allow_pickle=opts.get("allow_pickle", False), untie=opts.get("untie", False))
+                       allow_pickle=opts.get("allow_pickle", False), untie=opts.get("untie", False),
+                       dequantize=opts.get("dequantize", False))
     return plan_merge(cfg)[0]
 
 
