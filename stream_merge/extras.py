@@ -41,6 +41,11 @@ def patched_config(raw: bytes, updates: Mapping[str, Any]) -> bytes:
     cfg = json.loads(raw)
     for key, value in updates.items():
         sub = cfg.get("text_config")
+        if value is None:  # a key the merge removes (quantization_config after --dequantize)
+            cfg.pop(key, None)
+            if isinstance(sub, dict):
+                sub.pop(key, None)
+            continue
         if isinstance(sub, dict) and key in sub:
             sub[key] = value
         if key in cfg or not (isinstance(sub, dict) and key in sub):

@@ -8,6 +8,7 @@ GEMM bitwise on CPU, which is what lets us merge a 128k-row lm_head in bounded m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,17 +19,18 @@ ROW_ALIGN = {"linear": 64, "bias": 64, "param": 64, "conv1d": 1024, "embedding":
 WHOLE_TENSOR = {"conv"}  # kinds whose delta is computed for the whole tensor at once
 
 
-def row_blocks(rows: int, want: int, kinds: Sequence[str]) -> list[tuple[int, int]]:
+def row_blocks(rows: int, want: int, kinds: Sequence[str], align: int = 1) -> list[tuple[int, int]]:
     """Split `rows` into blocks of about `want` rows that keep PEFT's bits.
 
     MKL takes other code paths for very thin GEMMs (a 1..9-wide last block, or GEMV for one row), which
     changes the last bit; so every block is a multiple of the kind's alignment and the last block absorbs
     the remainder instead of being thin. Row blocks of B (Linear) are safe from 64 rows, column blocks of A
     (Conv1D, Embedding) from 1024 columns at 1024-aligned offsets (measured: scripts/check_chunking.py).
+    `align` adds a layout constraint (fp8 scale blocks).
     """
     if any(k in WHOLE_TENSOR for k in kinds):
         return [(0, rows)]
-    align = max((ROW_ALIGN[k] for k in kinds), default=64)
+    align = math.lcm(align, max((ROW_ALIGN[k] for k in kinds), default=64))
     size = max(align, want // align * align)
     if rows < 2 * size:
         return [(0, rows)]

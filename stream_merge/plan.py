@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, compile_patterns, is_conv1d_module,
                      is_converted_router, parse_key, pattern_value, peft_targets, targeted_params)
-from .records import (FLOAT_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan, ModuleMapping,
-                      Replacement, ShardPlan, TensorInfo, TensorPlan)
+from .records import (FLOAT_DTYPES, FP8_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan,
+                      ModuleMapping, QuantSpec, Replacement, ShardPlan, TensorInfo, TensorPlan)
 
 TIE_HELP = ("the base ties lm_head to the input embedding (tie_word_embeddings, no lm_head.weight on disk), so "
             "changing one changes both; pass --untie to write a separate lm_head.weight and set "
@@ -44,6 +44,7 @@ class _Acc:
     config_updates: dict[str, object] = field(default_factory=dict)
     head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
     head_base: Replacement | None = None  # PEFT's saved `lm_head.base_layer.weight` on a tied base
+    fp8_block: tuple[int, int] | None = None  # fp8 block-quantized base: the scale block shape
 
     def resolve(self, name: str, what: str) -> tuple[TensorInfo | None, str]:
         target, via, cands = self.resolver.resolve(name)
@@ -198,7 +199,15 @@ def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dic
     ka, kb = roles["emb_A" if emb else "A"], roles["emb_B" if emb else "B"]
     a, b = spec.by_key[ka.key], spec.by_key[kb.key]
     name = target_name or info.name
-    if info.dtype not in FLOAT_DTYPES:
+    fp8 = acc.fp8_block is not None and info.dtype in FP8_DTYPES
+    if fp8:
+        scale = acc.base.tensors.get(info.name + "_scale_inv")
+        if scale is None or acc.base.weight_map.get(scale.name) != acc.base.weight_map.get(info.name) \
+                or len(info.shape) != 2:
+            acc.problems.append(f"{where}: fp8 weight {info.name!r} needs its block scales "
+                                f"{info.name + '_scale_inv'!r} in the same shard")
+            return
+    elif info.dtype not in FLOAT_DTYPES:
         acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; only F32/F16/BF16/F64 weights "
                             "can be merged (quantized bases are not supported)")
         return
@@ -217,6 +226,9 @@ def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dic
         return
     kind = _lora_kind(acc, module, emb, a, b, wshape, info.name, st.fan_in_fan_out, where)
     if kind is None:
+        return
+    if fp8 and (kind != "linear" or st.use_dora):
+        acc.problems.append(f"{where}: only plain LoRA on Linear layers can be merged into fp8 weights")
         return
     got = _scale(st, ranks, alphas, module, a.shape[0], where, acc)
     if got is None:
@@ -483,9 +495,67 @@ def _tie_policy(acc: _Acc, adapters: Sequence[AdapterSpec]) -> TensorPlan | None
                       if head_rep else None, patches=tuple(acc.patches.get(name, ())))
 
 
+QUANT_ADVICE = ("merge into the original 16-bit checkpoint instead (a QLoRA adapter was trained on the "
+                "dequantized weights and merges into the bf16 base)")
+
+
+def _quantization(acc: _Acc) -> None:
+    """fp8 block-scaled bases are supported; every other quantization method is refused by name."""
+    qc = _text_cfg(acc.base, "quantization_config")
+    if qc is None:
+        if acc.options.dequantize:
+            acc.problems.append("--dequantize: the base has no quantization_config (it is not an fp8 checkpoint)")
+        return
+    if not isinstance(qc, dict):
+        acc.problems.append("config.json quantization_config is not an object")
+        return
+    method = str(qc.get("quant_method", "unknown"))
+    block = qc.get("weight_block_size")
+    if method == "fp8" and isinstance(block, list) and len(block) == 2 and all(
+            isinstance(b, int) and b > 0 for b in block) and qc.get("fmt", "e4m3") == "e4m3":
+        acc.fp8_block = (block[0], block[1])
+        return
+    what = {"bitsandbytes": "bitsandbytes 4/8-bit", "fp8": "fp8 without block scales (weight_block_size)"}.get(
+        method, method)
+    acc.problems.append(f"the base is quantized ({what}); stream-merge merges into 16-bit checkpoints and fp8 "
+                        f"block-scaled ones only: {QUANT_ADVICE}")
+
+
+def _shard_tensors(acc: _Acc, header, head: TensorPlan | None) -> list[TensorPlan]:
+    base, block = acc.base, acc.fp8_block
+    tps = []
+    for t in header.tensors:
+        rep = acc.replacements.get(t.name)
+        patches = tuple(acc.patches.get(t.name, ()))
+        tp = TensorPlan(name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep,
+                        patches=patches)
+        if block is not None:
+            scale = base.tensors.get(t.name + "_scale_inv") if t.dtype in FP8_DTYPES else None
+            weight = base.tensors.get(t.name[: -len("_scale_inv")]) if t.name.endswith("_scale_inv") else None
+            if weight is not None and weight.dtype not in FP8_DTYPES:
+                weight = None
+            if scale is not None and acc.options.dequantize:
+                tp = TensorPlan(name=t.name, dtype="BF16", shape=t.shape, source=t, patches=patches,
+                                quant=QuantSpec("dequant", "weight", scale, block))
+            elif scale is not None and patches:
+                tp = TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=t, patches=patches,
+                                quant=QuantSpec("requant", "weight", scale, block))
+            elif weight is not None and acc.options.dequantize:
+                continue  # the scales of a dequantized weight are dropped
+            elif weight is not None and acc.patches.get(weight.name):
+                tp = TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=t,
+                                patches=tuple(acc.patches[weight.name]),
+                                quant=QuantSpec("requant", "scale", weight, block))
+        tps.append(tp)
+    if head is not None and head.source.name in header.by_name:
+        tps.append(head)
+    return tps
+
+
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:
     """Map every adapter tensor to the base tensor it changes; collect every problem."""
     acc = _Acc(base=base, resolver=TargetResolver(base.tensors.keys(), options.key_map), options=options)
+    _quantization(acc)
     vocab = _vocab_size(base)
     if len(adapters) > 1 and any(a.settings.use_dora for a in adapters):
         acc.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole weight "
@@ -499,18 +569,15 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
             if len(info.shape) == 2 and info.shape[0] == vocab and name not in acc.replacements and (
                     vocab_row_tensor(base, info) or _is_head(name)):
                 acc.problems.append(f"the adapter resizes the vocabulary to {new} but {name!r} keeps {vocab} rows")
+    if acc.fp8_block is not None and options.dequantize:
+        acc.config_updates["quantization_config"] = None  # removed from config.json
     shards = []
     for h in base.shards:
-        tps = []
-        for t in h.tensors:
-            rep = acc.replacements.get(t.name)
-            tps.append(TensorPlan(name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t,
-                                  replace=rep, patches=tuple(acc.patches.get(t.name, ()))))
-        if head is not None and head.source.name in h.by_name:
-            tps.append(head)
+        tps = _shard_tensors(acc, h, head)
         shards.append(ShardPlan(file=h.file, tensors=tuple(tps), in_bytes=h.size,
-                                header_unchanged=len(tps) == len(h.tensors)
-                                and all(tp.shape == tp.source.shape for tp in tps)))
+                                header_unchanged=len(tps) == len(h.tensors) and all(
+                                    (tp.name, tp.shape, tp.dtype) == (tp.source.name, tp.source.shape, tp.source.dtype)
+                                    for tp in tps)))
     return MergePlan(base=base, adapters=tuple(adapters), shards=tuple(shards), mapping=tuple(acc.mapping),
                      config_updates=dict(acc.config_updates), warnings=tuple(acc.warnings),
                      problems=tuple(acc.problems))

@@ -22,6 +22,7 @@ DTYPE_SIZES: Mapping[str, int] = {
     "F8_E4M3": 1, "F8_E5M2": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+FP8_DTYPES = frozenset({"F8_E4M3"})
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -173,6 +174,22 @@ class Replacement:
 
 
 @dataclass(frozen=True)
+class QuantSpec:
+    """An fp8 block-quantized weight (or its scale tensor) that the merge must decode and re-encode.
+
+    mode "requant": the patched weight is re-quantized with fresh block scales; role "weight" writes the fp8
+    values, role "scale" writes the new `weight_scale_inv` (recomputed from the same blocks).
+    mode "dequant": the weight is written as bf16 (its scale tensor is dropped from the output).
+    `partner` is the other tensor of the pair (the scale for a weight, the weight for a scale).
+    """
+
+    mode: str
+    role: str
+    partner: TensorInfo
+    block: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     """One output tensor. `source` is the base tensor it starts from; for a tensor the merge adds (an
     untied lm_head) the name differs from the source's."""
@@ -183,10 +200,11 @@ class TensorPlan:
     source: TensorInfo
     replace: Replacement | None = None
     patches: tuple[LoraPatch, ...] = ()
+    quant: QuantSpec | None = None
 
     @property
     def action(self) -> str:
-        if self.patches:
+        if self.patches or self.quant:
             return "merge"
         return "replace" if self.replace else "copy"
 
@@ -270,7 +288,8 @@ class MergePlan:
         payload = {
             "shards": [[s.file, [[t.name, t.dtype, list(t.shape), t.source.start, t.source.end,
                                   dataclasses.asdict(t.replace) if t.replace else None,
-                                  [dataclasses.asdict(p) for p in t.patches]] for t in s.tensors]]
+                                  [dataclasses.asdict(p) for p in t.patches],
+                                  dataclasses.asdict(t.quant) if t.quant else None] for t in s.tensors]]
                        for s in self.shards],
             "config_updates": dict(self.config_updates),
         }

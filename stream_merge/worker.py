@@ -22,6 +22,7 @@ import torch
 from .adapter import AdapterReader
 from .errors import NonFiniteError
 from .lora import (apply_delta_into, combine, conv_delta, delta_rows, dora_apply, param_delta_rows, row_blocks)
+from .quant import dequantize, quantize
 from .records import DTYPE_SIZES, LoraPatch, ShardPlan, ShardResult, TensorPlan, numel
 from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes
 
@@ -95,8 +96,43 @@ def _check_finite(tp: TensorPlan, merged32: torch.Tensor, out: torch.Tensor, bas
                              fix="check the adapter's scale and weights; merge into a wider dtype")
 
 
+def _quant_blocks(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
+                  get_buffer: Callable[[], bytearray]) -> Iterator[Chunk]:
+    """fp8 block-scaled weights: dequantize row groups aligned to the scale blocks, add the LoRA delta in
+    fp32, then write bf16 (dequant), fresh fp8 values (requant weight) or fresh scales (requant scale)."""
+    q = tp.quant
+    assert q is not None
+    weight, scale = (tp.source, q.partner) if q.role == "weight" else (q.partner, tp.source)
+    bm = q.block[0]
+    rows, cols = weight.shape
+    dev = compute.device
+    factors = [(p, _load_factor(adapters, p.adapter, p.a_key, dev) if p.a_key else None,
+                _load_factor(adapters, p.adapter, p.b_key, dev)) for p in tp.patches]
+    want = max(1, compute.block_bytes // max(1, cols * 4))
+    for r0, r1 in row_blocks(rows, want, [p.kind for p in tp.patches], align=bm):
+        w = dequantize(reader.read_rows(weight, r0, r1).to(dev),
+                       reader.read_rows(scale, r0 // bm, -(-r1 // bm)).to(dev), q.block)
+        if factors:
+            w.add_(combine([(_delta(p, a, b, weight.shape, r0, r1), p.weight) for p, a, b in factors]))
+        if compute.check_finite and not math.isfinite(float(w.sum())):
+            raise NonFiniteError(f"merged fp8 weight has NaN/Inf in rows {r0}..{r1}", tensor=weight.name,
+                                 fix="check the adapter's scale and weights")
+        if q.mode == "dequant":
+            result = w.to(torch.bfloat16)
+        else:
+            values, scales = quantize(w, q.block)
+            result = values if q.role == "weight" else scales
+        data = result.cpu().contiguous().view(torch.uint8).reshape(-1)
+        buf = get_buffer() if data.numel() <= compute.buffer_bytes else bytearray(data.numel())
+        torch.frombuffer(buf, dtype=torch.uint8, count=data.numel()).copy_(data)
+        yield tp.name, buf, data.numel()
+
+
 def _merged_blocks(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
                    get_buffer: Callable[[], bytearray]) -> Iterator[Chunk]:
+    if tp.quant is not None:
+        yield from _quant_blocks(tp, reader, adapters, compute, get_buffer)
+        return
     dtype = TORCH_DTYPES[tp.dtype]
     itemsize = DTYPE_SIZES[tp.dtype]
     dev = compute.device
