@@ -236,8 +236,9 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
         progress = lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))  # noqa: E731
     elif not progress:
         progress = lambda n, f: None  # noqa: E731
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would change the bits (PEFT_SEMANTICS §0)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # TF32 would change the bits (PEFT_SEMANTICS §0): off for matmuls and for cuDNN convolutions
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         todo = [s for s in plan.shards if s.file not in done]
         if todo:
@@ -262,7 +263,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
                                fix="re-run the same command to resume") from None
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
         for a in adapters:
             a.close()
         if bar is not None:
