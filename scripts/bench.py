@@ -120,11 +120,23 @@ def engine_info() -> dict:
         dirty = subprocess.run([*git, "status", "--porcelain", "--", str(pkg)], capture_output=True, text=True,
                                timeout=10).stdout.splitlines()
         info["uncommitted_files"] = len(dirty)
-        info["tree_sha256"] = hashlib.sha256(b"".join(
-            f.name.encode() + f.read_bytes() for f in sorted(pkg.glob("*.py")))).hexdigest()[:16]
+        info["tree_sha256"] = source_digest(pkg)
     except Exception:  # noqa: BLE001
         pass
     return info
+
+
+def source_digest(pkg: Path | None = None) -> str | None:
+    """A digest of stream_merge/*.py: recorded per run, since the engine may be edited while we measure."""
+    try:
+        if pkg is None:
+            import stream_merge
+
+            pkg = Path(stream_merge.__file__).resolve().parent
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes()
+                                       for f in sorted(pkg.glob("*.py")))).hexdigest()[:16]
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def machine_line(m: dict) -> str:
@@ -171,7 +183,8 @@ _, status, ru = os.wait4(pid, 0)
 wall = time.perf_counter() - t0
 with open(sys.argv[1], 'w') as f:
     json.dump({'rc': os.waitstatus_to_exitcode(status), 'wall_s': wall, 'maxrss_kib': ru.ru_maxrss,
-               'user_s': ru.ru_utime, 'sys_s': ru.ru_stime}, f)
+               'user_s': ru.ru_utime, 'sys_s': ru.ru_stime, 'minflt': ru.ru_minflt, 'majflt': ru.ru_majflt,
+               'inblock': ru.ru_inblock, 'oublock': ru.ru_oublock, 'nvcsw': ru.ru_nvcsw, 'nivcsw': ru.ru_nivcsw}, f)
 """
 
 
@@ -215,8 +228,9 @@ def measure(cmd: str, log: Path | None = None, poll_s: float = 0.05, env: dict |
         if log:
             out.close()
         os.unlink(result_path)
+    extra = {k: res[k] for k in ("minflt", "majflt", "inblock", "oublock", "nvcsw", "nivcsw") if k in res}
     return {"rc": res["rc"], "wall_s": res["wall_s"], "peak_rss_bytes": res["maxrss_kib"] * 1024,
-            "vmhwm_bytes": hwm["max"], "user_s": res["user_s"], "sys_s": res["sys_s"]}
+            "vmhwm_bytes": hwm["max"], "user_s": res["user_s"], "sys_s": res["sys_s"], **extra}
 
 
 def tail(path: Path, n: int = 2000) -> str:
@@ -326,7 +340,9 @@ def summarize(runs: list[dict], base_bytes: int) -> dict:
                   "peak_rss_mib": round(max(rss) / 2**20, 1), "median_peak_rss_mib": round(statistics.median(rss) / 2**20, 1),
                   "vmhwm_mib": round(max(r["vmhwm_bytes"] for r in rs) / 2**20, 1),
                   "gb_per_s": round(base_bytes / med / 1e9, 3),
-                  "median_cpu_s": round(statistics.median(r["user_s"] + r["sys_s"] for r in rs), 2)}
+                  "median_cpu_s": round(statistics.median(r["user_s"] + r["sys_s"] for r in rs), 2),
+                  "median_minor_faults": statistics.median(r.get("minflt", 0) for r in rs),
+                  "median_involuntary_switches": statistics.median(r.get("nivcsw", 0) for r in rs)}
     return out
 
 
@@ -417,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                 log = scratch / f"{name}.log"
                 shutil.rmtree(dest, ignore_errors=True)
                 os.sync()
+                src = source_digest()
                 r = measure(commands[name].format(out=q(str(dest))), log=log)
-                r.update(name=name, round=rnd)
+                r.update(name=name, round=rnd, engine_sha256=src, loadavg=loadavg())
+                if src != source_digest():
+                    r["engine_changed_during_run"] = True
                 if r["rc"] != 0:
                     failed = (name, r["rc"], tail(log))
                     break
@@ -428,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 runs.append(r)
                 print(f"  round {rnd + 1}/{args.repeats} {name:<13} {r['wall_s']:8.2f} s  peak RSS "
-                      f"{r['peak_rss_bytes'] / 2**20:8.0f} MiB  (VmHWM {r['vmhwm_bytes'] / 2**20:.0f} MiB)", flush=True)
+                      f"{r['peak_rss_bytes'] / 2**20:8.0f} MiB  (VmHWM {r['vmhwm_bytes'] / 2**20:.0f} MiB)  load "
+                      f"{(r['loadavg'] or ['?'])[0]}", flush=True)
                 shutil.rmtree(dest, ignore_errors=True)
             if failed:
                 break
@@ -449,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {n}: {c}")
     machine["loadavg_end"] = loadavg()
     print(f"load average at the end: {machine['loadavg_end']} (other work on the machine skews wall times)")
+    engines = sorted({r["engine_sha256"] for r in runs if r["name"] == "stream-merge"} - {None})
+    if len(engines) > 1 or any(r.get("engine_changed_during_run") for r in runs):
+        print(f"WARNING: stream_merge/ changed while measuring ({len(engines)} versions: {', '.join(engines)}); "
+              "the stream-merge runs are not all of the same code")
+    engine["versions_measured"] = engines
     result = {"machine": machine, "engine": engine, "invocation": invocation, "commands": commands,
               "params": {**info["params"], "size_arg": args.size, "shards": info["shards"], "base_bytes": base_bytes,
                          "adapter_bytes": info["adapter_bytes"], "device": args.device, "repeats": args.repeats,

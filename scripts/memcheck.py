@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (DEFAULT_WORKDIR, dir_bytes, human, machine_info, machine_line, make_inputs,  # noqa: E402
-                   measure, parse_size, stream_merge_cmd, tail)
+from bench import (DEFAULT_WORKDIR, engine_info, human, loadavg, machine_info, machine_line,  # noqa: E402
+                   make_inputs, measure, parse_size, source_digest, stream_merge_cmd, tail)
 
 
 def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
@@ -40,6 +40,7 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
            f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else ""))
     log = workdir / "memcheck-merge.log"
     try:
+        src = source_digest()
         r = measure(cmd, log=log)
         ok_out = (out / "model.safetensors.index.json").exists()
     finally:
@@ -52,7 +53,7 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
     res = {"size_arg": size, "shard_size": shard, "base_bytes": info["base_bytes"], "shards": info["shards"],
            "layers": info["params"]["shape"]["layers"], "command": cmd, "wall_s": round(r["wall_s"], 3),
            "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1), "vmhwm_mib": round(r["vmhwm_bytes"] / 2**20, 1),
-           "cpu_s": round(r["user_s"] + r["sys_s"], 2)}
+           "cpu_s": round(r["user_s"] + r["sys_s"], 2), "engine_sha256": src, "loadavg": loadavg()}
     print(f"  {human(res['base_bytes']):>10} in {res['shards']} shard(s) of <= {human(shard):>9}: peak RSS "
           f"{res['peak_rss_mib']:7.1f} MiB (VmHWM {res['vmhwm_mib']:.1f}), wall {res['wall_s']:.1f} s", flush=True)
     return res
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
+    engine = engine_info()
     print(f"machine: {machine_line(machine)}")
+    print(f"engine:  stream-merge {engine.get('version')} at {str(engine.get('commit'))[:12]} "
+          f"({engine.get('uncommitted_files', '?')} uncommitted file(s) in stream_merge/, source sha256 "
+          f"{engine.get('tree_sha256')}); load average {machine['loadavg']}")
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *(sys.argv if argv is None else ['memcheck.py', *argv])])}")
     print(f"memcheck: shard size S={human(args.shard_size)}, model size M={human(args.size)}, "
           f"limit {args.limit_mib:g} MiB", flush=True)
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  FAIL {f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "limit_mib": args.limit_mib, "runs": runs,
+        args.json.write_text(json.dumps({"machine": machine, "engine": engine, "limit_mib": args.limit_mib, "runs": runs,
                                          "growth": growth, "max_growth": args.max_growth, "passed": not failures,
                                          "failures": failures}, indent=2))
     return 1 if failures else 0

@@ -31,8 +31,10 @@ def _key_map(values: Sequence[str] | None) -> list[list[str]] | None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", nargs="?", metavar="BASE",
-                   help="base checkpoint folder (model.safetensors.index.json + shards, or model.safetensors)")
-    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT LoRA adapter folder(s)")
+                   help="base checkpoint folder (model.safetensors.index.json + shards, or model.safetensors), or "
+                        "Hub repo id ORG/NAME[@REVISION]")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER",
+                   help="PEFT LoRA adapter folder(s) or Hub repo id(s) ORG/NAME[@REVISION]")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags (flags win)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default 1.0)")
     p.add_argument("--key-map", action="append", metavar="REGEX=REPLACEMENT",
@@ -47,6 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "re-quantizing the patched weights")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="Hugging Face token for gated or private repos (default: HF_TOKEN or the saved login)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -64,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     m.add_argument("--dry-run", action="store_true", default=None, help="plan and check only; write nothing")
     m.add_argument("--fresh", action="store_true", default=None, help="discard a previous partial output in OUT")
-    m.add_argument("--block-size-mb", type=int, help="fp32 row-block budget per patched tensor (default 16)")
+    m.add_argument("--block-size-mb", type=int, help="fp32 row-block budget per patched tensor (default 2)")
     m.add_argument("--no-check-finite", dest="check_finite", action="store_false", default=None,
                    help="skip the NaN/Inf check on merged tensors")
+    m.add_argument("--prefetch", type=int, metavar="N",
+                   help="Hub BASE: download up to N shards ahead of the one being merged (default 1; 0 = none)")
+    m.add_argument("--keep-downloads", action="store_true", default=None,
+                   help="Hub BASE: download shards into the HF cache and keep them (default: into OUT, deleted once "
+                        "merged)")
+    m.add_argument("--push-to-hub", metavar="ORG/NAME",
+                   help="upload OUT to this Hub model repo, each shard as soon as it is written (re-run to resume)")
+    m.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: create the repo private")
+    m.add_argument("--no-local-copy", dest="local_copy", action="store_false", default=None,
+                   help="with --push-to-hub: delete each shard from OUT once it is uploaded")
     m.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p = sub.add_parser("plan", help="show what a merge would do, without writing anything",
                        description="Print the plan: per shard the tensors patched and copied, the module -> tensor "
@@ -84,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("weights", "strict", "allow_pickle", "untie", "dequantize", "output", "device", "dry_run", "fresh", "block_size_mb",
-            "check_finite")
+            "check_finite", "token", "prefetch", "keep_downloads", "push_to_hub", "private", "local_copy")
     opts = {k: getattr(args, k, None) for k in keys}
     opts["key_map"] = _key_map(args.key_map)
     opts["base"] = args.base
@@ -127,8 +141,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from .adapter import load_adapter
         from .sources import resolve_source
 
-        base = resolve_source(cfg.base, "BASE").base_index(cfg.base)
-        specs = [load_adapter(resolve_source(a, "ADAPTER").folder(), weight=w, allow_pickle=cfg.allow_pickle)
+        base = resolve_source(cfg.base, "BASE", token=cfg.token).base_index(cfg.base)
+        specs = [load_adapter(resolve_source(a, "ADAPTER", token=cfg.token).folder(), weight=w,
+                              allow_pickle=cfg.allow_pickle)
                  for a, w in zip(cfg.adapters, cfg.adapter_weights)]
         plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
                                                      dequantize=cfg.dequantize))
@@ -165,6 +180,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
           f"{p.copied_tensors} copied, {len(report.shards)} shards ({report.resumed_shards} resumed), "
           f"{report.bytes_written / gib:.2f} GiB written in {report.seconds:.1f} s, peak RSS "
           f"{report.peak_rss_bytes / gib:.2f} GiB")
+    if cfg.push_to_hub:
+        print(f"pushed to {cfg.push_to_hub}")
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """Everything that decides a merge. `base`/`adapters` are local folders (or Hub ids once supported)."""
+    """Everything that decides a merge. `base`/`adapters` are local folders or Hub ids `org/name[@revision]`."""
 
     base: str
     adapters: tuple[str, ...]
@@ -32,9 +32,15 @@ class MergeConfig:
     untie: bool = False
     dequantize: bool = False
     key_map: tuple[tuple[str, str], ...] = ()
-    block_size_mb: int = 16
+    block_size_mb: int = 2
     check_finite: bool = True
     copy_extras: bool = True
+    token: str | None = field(default=None, repr=False)  # Hub token (default: HF_TOKEN or the saved login)
+    prefetch: int = 1                # Hub base: shards downloaded ahead of the one being merged
+    keep_downloads: bool = False     # Hub base: download into the HF cache and keep the shards there
+    push_to_hub: str | None = None   # org/name to upload the output to, shard by shard
+    private: bool = False            # create the push_to_hub repo private
+    local_copy: bool = True          # False: delete each shard from OUT once it is pushed
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -98,13 +104,17 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(float(x) for x in vals)
     if key == "key_map":
         return _key_map(value)
-    if key in ("base", "output", "device"):
+    if key in ("base", "output", "device", "token", "push_to_hub"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key} must be a non-empty string, got {value!r}", key=key)
         return value
     if key == "block_size_mb":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"block_size_mb must be a positive integer, got {value!r}", key=key)
+        return value
+    if key == "prefetch":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"prefetch must be a whole number >= 0, got {value!r}", key=key)
         return value
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}", key=key)
@@ -157,4 +167,11 @@ def build_config(file_options: Mapping[str, Any] | None = None, **overrides: Any
                           fix="give one weight per adapter")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}", key="device")
+    if cfg.push_to_hub is None and (cfg.private or not cfg.local_copy):
+        raise ConfigError(f"{'private' if cfg.private else 'local_copy: false (--no-local-copy)'} only applies "
+                          "with push_to_hub",
+                          key="private" if cfg.private else "local_copy", fix="add --push-to-hub ORG/NAME")
+    if cfg.push_to_hub is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", cfg.push_to_hub):
+        raise ConfigError(f"push_to_hub must be a repo id ORG/NAME (no @revision), got {cfg.push_to_hub!r}",
+                          key="push_to_hub")
     return replace(cfg)

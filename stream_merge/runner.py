@@ -32,7 +32,7 @@ from .journal import JOURNAL_NAME, Journal, file_sha256, load_journal
 from .plan import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, ShardReader, fsync_dir, write_file_atomic
-from .sources import Source, resolve_source
+from .sources import DOWNLOADS_DIR, Source, resolve_source
 from .worker import Compute, merge_shard
 
 log = logging.getLogger("stream_merge")
@@ -119,17 +119,36 @@ def _prepare_journal(out: Path, plan: MergePlan, fingerprint: str, inputs: dict[
         for name in ours:
             (out / name).unlink(missing_ok=True)
     elif journal is None:
-        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not p.name.startswith(TMP_PREFIX))
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in (LOCK_NAME, DOWNLOADS_DIR) and not p.name.startswith(TMP_PREFIX))
         if foreign:
             raise OutputError(f"output folder is not empty and holds no stream-merge journal ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''})", file=str(out),
                               fix="use an empty or new folder, or --fresh to overwrite")
     elif journal.fingerprint != fingerprint:
+        for what, spec, old, new in _moved_revisions(journal.inputs, inputs):
+            raise OutputError(f"{what} {spec} now resolves to commit {new}, but this output was started from {old}",
+                              file=str(out), fix=f"pin the old commit ({spec.split('@')[0]}@{old}) to resume it, or "
+                                                 "add --fresh to start over")
         raise OutputError("output folder holds a merge of other inputs or options", file=str(out),
                           fix="re-run with the original command to resume it, or add --fresh to start over")
     if journal is None:
         journal = Journal(fingerprint=fingerprint, inputs=inputs, options=options, tool_version=__version__)
     return journal
+
+
+def _moved_revisions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Hub inputs whose revision (a branch or tag) now resolves to another commit than the journal's."""
+    pairs = [("BASE", old.get("base", {}), new["base"])]
+    pairs += [("ADAPTER", o, n) for o, n in zip(old.get("adapters", []), new["adapters"])]
+    return [(what, n["spec"], o["revision"], n["revision"]) for what, o, n in pairs
+            if o.get("spec") == n["spec"] and o.get("revision") and n["revision"] and o["revision"] != n["revision"]]
+
+
+def _journal_result(journal: Journal, file: str) -> ShardResult:
+    entry = journal.shards[file]
+    return ShardResult(file=file, size=entry["size"], sha256=entry["sha256"], patched=entry["patched"],
+                       copied=entry["copied"], seconds=0.0)
 
 
 def _shard_done(out: Path, journal: Journal, file: str) -> ShardResult | None:
@@ -139,24 +158,48 @@ def _shard_done(out: Path, journal: Journal, file: str) -> ShardResult | None:
         return None
     if file_sha256(path) != entry["sha256"]:
         return None
-    return ShardResult(file=file, size=entry["size"], sha256=entry["sha256"], patched=entry["patched"],
-                       copied=entry["copied"], seconds=0.0)
+    return _journal_result(journal, file)
 
 
-def _check_disk(out: Path, plan: MergePlan, todo: Sequence[str]) -> None:
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_disk(out: Path, plan: MergePlan, todo: Sequence[str], downloads: Sequence[tuple[Path, int]] = (),
+                keep_outputs: bool = True) -> None:
+    """Free space for what is left to write, one shard of headroom and, for Hub bases, the downloaded shards
+    that can be on disk at once (on whichever disk they go to)."""
+    from .push import MAX_PENDING
+
     sizes = {s.file: s.in_bytes - sum(t.source.nbytes for t in s.tensors) + s.out_data_bytes for s in plan.shards}
-    need = sum(sizes[f] for f in todo) + (max(sizes.values()) if sizes else 0)
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise OutputError(f"not enough free disk space: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed "
-                          "(what is left to write plus one shard of headroom)", file=str(out),
-                          fix="free some space or choose another output folder; finished shards are kept")
+    biggest = max(sizes.values()) if sizes else 0
+    need = sum(sizes[f] for f in todo) + biggest
+    if not keep_outputs:  # pushed shards leave OUT: at most the ones waiting for upload, plus the current one
+        need = min(need, (MAX_PENDING + 2) * biggest)
+    disks: dict[int, list[Any]] = {out.stat().st_dev: [out, need, 0]}
+    for where, n in downloads:
+        disk = disks.setdefault(_existing(where).stat().st_dev, [_existing(where), 0, 0])
+        disk[1] += n
+        disk[2] += n
+    for path, need, fetched in disks.values():
+        free = shutil.disk_usage(path).free
+        if free < need:
+            what = "what is left to write plus one shard of headroom" if need > fetched else "base shards to download"
+            if fetched and need > fetched:
+                what += f", and {fetched / 2**30:.1f} GiB of base shards downloaded at once"
+            raise OutputError(f"not enough free disk space: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB "
+                              f"needed ({what})", file=str(path),
+                              fix="free some space or choose another output folder; finished shards are kept")
 
 
 def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[str]]:
     """Resolve the inputs and build the plan; no writes. Raises PlanError listing every problem."""
-    base_src = resolve_source(cfg.base, "BASE")
-    adapter_srcs = [resolve_source(a, "ADAPTER") for a in cfg.adapters]
+    out = Path(cfg.output).expanduser() if cfg.output and not cfg.dry_run else None
+    base_src = resolve_source(cfg.base, "BASE", token=cfg.token, keep_downloads=cfg.keep_downloads,
+                              download_dir=None if out is None else out / DOWNLOADS_DIR)
+    adapter_srcs = [resolve_source(a, "ADAPTER", token=cfg.token) for a in cfg.adapters]
     base = base_src.base_index(cfg.base)
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
@@ -166,7 +209,8 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
         model_cfg = load_json(model_cfg_path, "adapter's config.json") if model_cfg_path.exists() else None
-        findings += compatibility_findings(cfg.base, base.config, src.spec, spec.raw_config, model_cfg)
+        base_name = cfg.base.split("@", 1)[0] if base_src.kind == "hub" else cfg.base  # the id, not the revision
+        findings += compatibility_findings(base_name, base.config, src.spec, spec.raw_config, model_cfg)
     if plan.problems:
         raise PlanError(plan.problems)
     if findings and cfg.strict:
@@ -193,38 +237,67 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     options = {k: v for k, v in dataclasses.asdict(cfg).items()
                if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize")}
     inputs = _inputs_record(base_src, adapter_srcs, plan)
+    revisions = [s.revision for s in (base_src, *adapter_srcs)]  # Hub commits: a moved branch is another input
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],
-                                       sorted(options.items()), __version__.split(".")[0])).encode()).hexdigest()
-    with _locked(out):
-        _clean_stale_temps(out)
-        journal = _prepare_journal(out, plan, fingerprint, inputs, options, cfg.fresh)
-        (out / INDEX_NAME).unlink(missing_ok=True)  # "complete" only once everything below is done
-        done = {s.file: r for s in plan.shards if (r := _shard_done(out, journal, s.file)) is not None}
-        journal.shards = {f: e for f, e in journal.shards.items() if f in done}
-        journal.save(out)
-        todo = [s.file for s in plan.shards if s.file not in done]
-        _check_disk(out, plan, todo)
-        compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024, check_finite=cfg.check_finite)
-        results = _merge_shards(plan, base_src, out, journal, done, compute, progress)
-        side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
-        labels = [s.spec for s in adapter_srcs]
-        write_file_atomic(out / "README.md", model_card(plan, cfg.base, labels))
-        write_record(out, {
-            "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
-            "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
-            "compatibility": findings, "warnings": list(plan.warnings), "side_files": side,
-            "shards": shard_entries(results),
-        })
-        write_index(out, plan)
-        fsync_dir(out)
-        (out / LOCK_NAME).unlink(missing_ok=True)
+                                       sorted(options.items()), __version__.split(".")[0])
+                                      + ((revisions,) if any(revisions) else ())).encode()).hexdigest()
+    complete, pusher = False, None
+    try:
+        with _locked(out):
+            _clean_stale_temps(out)
+            journal = _prepare_journal(out, plan, fingerprint, inputs, options, cfg.fresh)
+            (out / INDEX_NAME).unlink(missing_ok=True)  # "complete" only once everything below is done
+            if cfg.push_to_hub:
+                from .push import Pusher
+
+                pusher = Pusher.open(cfg.push_to_hub, out, [s.file for s in plan.shards], token=cfg.token,
+                                     private=cfg.private, local_copy=cfg.local_copy)
+            done = {}
+            for s in plan.shards:
+                r = _shard_done(out, journal, s.file)
+                if r is None and pusher is not None and not cfg.local_copy and s.file in journal.shards \
+                        and pusher.pushed(s.file, journal.shards[s.file]["sha256"]):
+                    r = _journal_result(journal, s.file)  # pushed, and its local copy deleted as asked
+                if r is not None:
+                    done[s.file] = r
+            journal.shards = {f: e for f, e in journal.shards.items() if f in done}
+            journal.save(out)
+            todo = [s.file for s in plan.shards if s.file not in done]
+            _check_disk(out, plan, todo, base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
+            if pusher is not None:
+                for r in done.values():  # finished by an earlier run, maybe not pushed yet
+                    pusher.submit(r.file, r.sha256)
+            compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024,
+                              check_finite=cfg.check_finite)
+            results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch, pusher)
+            side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out,
+                                   plan.config_updates)
+            labels = [s.spec for s in adapter_srcs]
+            write_file_atomic(out / "README.md", model_card(plan, cfg.base, labels))
+            write_record(out, {
+                "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
+                "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
+                "compatibility": findings, "warnings": list(plan.warnings), "side_files": side,
+                "shards": shard_entries(results),
+            })
+            write_index(out, plan)
+            fsync_dir(out)
+            if pusher is not None:
+                pusher.finish([*side, "README.md", RECORD_NAME, INDEX_NAME])
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            complete = True
+    finally:
+        base_src.close(complete)
+        if pusher is not None:
+            pusher.close()
     return MergeReport(output=str(out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
                        peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(done))
 
 
 def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
-                  compute: Compute, progress: bool | Progress) -> list[ShardResult]:
+                  compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None
+                  ) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     results: list[ShardResult] = []
     bar = None
@@ -241,16 +314,14 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         todo = [s for s in plan.shards if s.file not in done]
-        if todo:
-            base.prefetch(todo[0].file)
         for shard in plan.shards:
             if shard.file in done:
                 results.append(done[shard.file])
                 continue
             header = next(h for h in plan.base.shards if h.file == shard.file)
-            nxt = todo.index(shard) + 1
-            if nxt < len(todo):
-                base.prefetch(todo[nxt].file)
+            pos = todo.index(shard)
+            for ahead in todo[pos:pos + 1 + prefetch]:  # this shard first, then up to `prefetch` more
+                base.prefetch(ahead.file)
             with ShardReader(base.shard_path(shard.file), header) as reader:
                 res = merge_shard(shard, reader, adapters, out / shard.file, compute,
                                   lambda n, f=shard.file: progress(n, f))
@@ -258,6 +329,8 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                                           "copied": res.copied}
             journal.save(out)
             base.release(shard.file)
+            if pusher is not None:
+                pusher.submit(shard.file, res.sha256)
             results.append(res)
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),

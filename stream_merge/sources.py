@@ -5,15 +5,17 @@ Hub repos (`org/name[@revision]`) implement the same interface in `hub.py`."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .checkpoint import read_index
 from .errors import InputError
 from .records import BaseIndex
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
+DOWNLOADS_DIR = ".stream-merge-downloads"  # inside OUT: base shards downloaded just in time, deleted once merged
 
 
 class Source(Protocol):
@@ -39,6 +41,12 @@ class Source(Protocol):
 
     def release(self, file: str) -> None:
         """The shard's output is committed: delete it if we downloaded it and may not keep it."""
+
+    def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
+        """(folder, bytes) that fetching `files` will occupy at most at once, `prefetch` ahead."""
+
+    def close(self, complete: bool = False) -> None:
+        """Stop background work; `complete`: the merge finished, temporary downloads can go."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,15 @@ class LocalSource:
     def release(self, file: str) -> None:
         pass
 
+    def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
+        return []
 
-def resolve_source(spec: str, what: str, **hub_options: object) -> Source:
+    def close(self, complete: bool = False) -> None:
+        pass
+
+
+def resolve_source(spec: str, what: str, **hub_options: Any) -> Source:
+    """A local folder, or a Hub repo `org/name[@revision]` (hub_options: token, download_dir, keep_downloads)."""
     path = Path(spec).expanduser()
     if path.exists():
         return LocalSource(spec=spec, path=path.resolve())
