@@ -44,6 +44,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def compute_threads() -> int:
+    """torch intra-op threads during a CPU merge: the usable cores minus one for the writer, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores - 1))
+
+
 def resolve_device(name: str) -> torch.device:
     from .errors import ConfigError
 
@@ -171,12 +180,12 @@ def _check_disk(out: Path, plan: MergePlan, todo: Sequence[str], downloads: Sequ
                 keep_outputs: bool = True) -> None:
     """Free space for what is left to write, one shard of headroom and, for Hub bases, the downloaded shards
     that can be on disk at once (on whichever disk they go to)."""
-    from .push import MAX_PENDING
-
     sizes = {s.file: s.in_bytes - sum(t.source.nbytes for t in s.tensors) + s.out_data_bytes for s in plan.shards}
     biggest = max(sizes.values()) if sizes else 0
     need = sum(sizes[f] for f in todo) + biggest
     if not keep_outputs:  # pushed shards leave OUT: at most the ones waiting for upload, plus the current one
+        from .push import MAX_PENDING
+
         need = min(need, (MAX_PENDING + 2) * biggest)
     disks: dict[int, list[Any]] = {out.stat().st_dev: [out, need, 0]}
     for where, n in downloads:
@@ -309,6 +318,11 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
         progress = lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))  # noqa: E731
     elif not progress:
         progress = lambda n, f: None  # noqa: E731
+    old_threads = torch.get_num_threads()
+    # The writer thread hashes and writes on one core; cache-sized tiles gain nothing from more intra-op
+    # threads, and OpenMP's spinning threads collapse under contention (measured: 77 s -> 19 s for 4.5 GB
+    # on 2 busy cores). Leave one core to the writer.
+    torch.set_num_threads(compute_threads())
     old_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     # TF32 would change the bits (PEFT_SEMANTICS §0): off for matmuls and for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -337,6 +351,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                                fix="re-run the same command to resume") from None
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+        torch.set_num_threads(old_threads)
         for a in adapters:
             a.close()
         if bar is not None:
