@@ -124,6 +124,12 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and "Consistency check failed" in str(exc)  # size mismatch after a drop
 
 
+def _plain_ref(rev: str) -> bool:
+    """A revision name that is safe as a path under the cache's refs/ (no '..', not absolute)."""
+    parts = PurePosixPath(rev).parts
+    return bool(parts) and not rev.startswith("/") and "\\" not in rev and all(p not in ("", ".", "..") for p in parts)
+
+
 def _repo_cache_dir(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
@@ -180,7 +186,7 @@ class HubSource:
                   download_dir=download_dir, keep_downloads=keep_downloads)
         log.info("%s %s resolved to commit %s", what, spec, sha)
         src._fetch_small_files()
-        if not offline and (rev or "main") != sha:
+        if not offline and (rev or "main") != sha and _plain_ref(rev or "main"):
             src._remember_ref(rev or "main")
         return src
 
@@ -202,7 +208,7 @@ class HubSource:
         if HEX40.fullmatch(rev) and (repo_dir / "snapshots" / rev).is_dir():
             return rev
         ref = repo_dir / "refs" / rev
-        if ref.is_file():
+        if _plain_ref(rev) and ref.is_file():
             sha = ref.read_text().strip()
             if (repo_dir / "snapshots" / sha).is_dir():
                 return sha
@@ -317,6 +323,7 @@ class HubSource:
             assert self.download_dir is not None
             meta = self.download_dir / ".cache" / "huggingface" / "download" / (file + ".metadata")
             meta.unlink(missing_ok=True)
+            meta.with_suffix(".lock").unlink(missing_ok=True)
             log.info("deleted downloaded shard %s", file)
 
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
@@ -434,7 +441,12 @@ class HubSource:
         def one(name: str) -> ShardHeader:
             local = self._cached(name)
             if local is not None:
-                return read_header_file(local, name)
+                try:
+                    return read_header_file(local, name)
+                except StreamMergeError:
+                    if self.offline:
+                        raise
+                    log.warning("the cached copy of %s is unreadable; reading its header from the Hub", name)
             if self.offline:
                 raise HubError(f"{name} is not in the HF cache and HF_HUB_OFFLINE=1 is set", file=str(self.snapshot))
             return self._remote_header(name)
@@ -511,7 +523,8 @@ def hub_error(exc: BaseException, what: str, spec: str, token: str | None, file:
                         fix="after @ use an existing branch, tag or full commit sha")
     if isinstance(exc, hf_errors.DisabledRepoError):
         return HubError(f"{what} {repo_id} has been disabled on the Hub", file=spec)
-    if isinstance(exc, (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError)) and constants.HF_HUB_OFFLINE:
+    offline_miss = isinstance(exc, (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError))
+    if offline_miss and constants.HF_HUB_OFFLINE:
         return HubError(f"{what} {repo_id}{where} is not in the HF cache and HF_HUB_OFFLINE=1 is set", file=spec,
                         fix="run once online, or unset HF_HUB_OFFLINE")
     if isinstance(exc, hf_errors.EntryNotFoundError):
@@ -521,12 +534,12 @@ def hub_error(exc: BaseException, what: str, spec: str, token: str | None, file:
         if status == 401:
             return HubError(f"the Hub rejected the token for {what} {repo_id}{where}", file=spec,
                             fix="check HF_TOKEN / --token (or unset it for a public repo)")
-        return HubError(f"the Hub answered HTTP {status} for {what} {repo_id}{where}: {short_error(exc)}", file=spec,
-                        fix="retry later; re-running resumes")
+        return HubError(f"the Hub answered HTTP {status} for {what} {repo_id}{where}: {short_error(exc)}",
+                        file=spec, fix="retry later; re-running resumes")
     if is_transient(exc):
-        return HubError(f"cannot reach the Hub at {endpoint} for {what} {repo_id}{where} ({short_error(exc)})", file=spec,
-                        fix="check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the HF cache; "
-                            "re-running resumes")
+        return HubError(f"cannot reach the Hub at {endpoint} for {what} {repo_id}{where} ({short_error(exc)})",
+                        file=spec, fix="check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the HF "
+                                       "cache; re-running resumes")
     return exc
 
 

@@ -24,7 +24,7 @@ from huggingface_hub import errors as hf_errors
 
 from .checkpoint import INDEX_NAME
 from .errors import StreamMergeError
-from .hub import HubError, short_error, is_transient
+from .hub import HubError, is_transient, short_error
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")
@@ -200,10 +200,11 @@ class Pusher:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, hf_errors.RepositoryNotFoundError) or status in (401, 403):
             tok = "this token" if self.token or get_token() else "no token"
-            return HubError(f"push to {self.repo_id} refused while {doing}: {tok} cannot write to it", file=self.repo_id,
-                            fix="pass a token with write access to the repo or its organisation (HF_TOKEN or --token)")
+            return HubError(f"push to {self.repo_id} refused while {doing}: {tok} cannot write to it",
+                            file=self.repo_id, fix="pass a token with write access to the repo or its organisation "
+                                                   "(HF_TOKEN or --token)")
         if isinstance(exc, (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled)) or is_transient(exc):
             offline = " (HF_HUB_OFFLINE=1 is set)" if constants.HF_HUB_OFFLINE else ""
-            return HubError(f"push to {self.repo_id} failed while {doing}{offline}: {short_error(exc)}", file=self.repo_id,
-                            fix=resume)
+            return HubError(f"push to {self.repo_id} failed while {doing}{offline}: {short_error(exc)}",
+                            file=self.repo_id, fix=resume)
         return exc

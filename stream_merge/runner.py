@@ -99,15 +99,24 @@ def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
 
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    fd = os.open(out / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+    """Fail fast when another run writes to OUT. On the way out (success, refusal, error or Ctrl-C) the lock
+    file and every temp file of this process are removed, so a refused run leaves OUT as it found it."""
+    lock = out / LOCK_NAME
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
             raise OutputError("another stream-merge is writing to this output folder", file=str(out),
                               fix="wait for it to finish, or use another -o") from None
         yield
     finally:
+        if held:
+            for p in out.glob(f"{TMP_PREFIX}*.{os.getpid()}.*"):  # e.g. an interrupt inside AtomicFile's open
+                p.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
         os.close(fd)
 
 
@@ -294,7 +303,6 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
             fsync_dir(out)
             if pusher is not None:
                 pusher.finish([*side, "README.md", RECORD_NAME, INDEX_NAME])
-            (out / LOCK_NAME).unlink(missing_ok=True)
             complete = True
     finally:
         base_src.close(complete)

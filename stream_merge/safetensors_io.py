@@ -263,6 +263,9 @@ class AtomicFile:
         except OSError as exc:
             raise OutputError(f"cannot create a file in the output folder ({exc.strerror})",
                               file=str(self.tmp)) from None
+        except BaseException:  # Ctrl-C right after the file was created
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")

@@ -1,0 +1,655 @@
+"""Crash and resume: kill real merge processes at random moments and require a correct, resumable OUT.
+
+Invariants checked after every kill or interrupt:
+- OUT never holds `model.safetensors.index.json` unless it is complete (every file byte-identical to a
+  reference merge);
+- every published file in OUT (shards, config, card, record) is already byte-identical to the reference
+  (files are only ever published whole), and every shard the journal lists is on disk with its sha256;
+- re-running the same command completes, byte-identical to the reference (shards, index and all side files).
+
+Starting a Python that imports torch costs ~2.5 CPU-seconds, which would make 20+ kills slow on a 2-CPU
+machine. So the random-kill loops start their merges from a "zygote": a helper process that imports
+torch and stream_merge once, then forks one child per merge, which runs `python -m stream_merge`'s own
+`__main__` (via runpy) with the given argv, stdout and stderr. Each child is a real, separate process that
+we SIGKILL mid-write. The reference merge, the signal tests, the RLIMIT_FSIZE test, one SIGKILL test and the
+second run of the lock test use the real `python -m stream_merge` entry point (subprocess.Popen).
+
+Kill moments are random but tied to progress where the load of a shared 2-CPU machine would otherwise skew
+them: a random byte of the output stream (the kill fires once that many shard bytes are in OUT), a random
+moment after the journal holds i shards, or (for a re-run that writes no shard bytes) a random delay within
+its measured duration. All seeds are fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import make_pair
+
+from stream_merge.synthetic import LlamaShape, write_adapter
+
+INDEX = "model.safetensors.index.json"
+JOURNAL = "stream_merge.journal.json"
+LOCK = ".stream-merge.lock"
+TMP = ".stream-merge-tmp."
+# ~29 MB of BF16 in 9 shards; with --block-size-mb 1 the MLP tensors take several fp32 row blocks
+SHAPE = LlamaShape(hidden=384, intermediate=1024, layers=8, vocab=2048, heads=8, kv_heads=4)
+SHARD_BYTES = 4_000_000
+RESUMED = re.compile(r"\((\d+) resumed\)")
+
+ZYGOTE = r"""
+import json, os, runpy, sys
+import torch  # noqa: F401  - the slow import, paid once
+import stream_merge.cli, stream_merge.runner  # noqa: F401
+proto = sys.stdout
+proto.write("ready\n"); proto.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+    if "reap" in req:
+        _, status = os.waitpid(req["reap"], 0)
+        proto.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n"); proto.flush()
+        continue
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+            os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+            sys.argv = ["stream_merge", *req["argv"]]
+            try:
+                runpy.run_module("stream_merge", run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush(); sys.stderr.flush()
+            finally:
+                os._exit(code)
+    proto.write(json.dumps({"pid": pid}) + "\n"); proto.flush()
+"""
+
+
+class Zygote:
+    """Forks pre-warmed `python -m stream_merge` processes (see the module docstring)."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.n = 0
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._ready = False
+
+    def _line(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError("the zygote did not answer")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the zygote died (rc={self.proc.poll()})")
+        return line
+
+    def start(self, argv: Sequence[str]) -> "Child":
+        if not self._ready:
+            assert self._line(300) == "ready\n"
+            self._ready = True
+        self.n += 1
+        out, err = self.logdir / f"{self.n}.out", self.logdir / f"{self.n}.err"
+        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "stdout": str(out),
+                                          "stderr": str(err)}) + "\n")
+        pid = json.loads(self._line(60))["pid"]
+        return Child(self, pid, out, err, time.perf_counter())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Child:
+    zygote: Zygote
+    pid: int
+    out_path: Path
+    err_path: Path
+    started: float
+    rc: int | None = None
+    seconds: float = 0.0
+
+    def signal(self, sig: int) -> None:
+        # Safe even if it has exited: the zygote reaps it only on wait(), so the pid cannot be reused before.
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 300) -> int:
+        if self.rc is None:
+            self.zygote.proc.stdin.write(json.dumps({"reap": self.pid}) + "\n")
+            try:
+                line = self.zygote._line(timeout)
+            except TimeoutError:
+                os.kill(self.pid, signal.SIGKILL)
+                line = self.zygote._line(60)
+            self.rc = json.loads(line)["rc"]
+            self.seconds = time.perf_counter() - self.started
+        return self.rc
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def temps(out: Path) -> list[str]:
+    return [n for n in listing(out) if n.startswith(TMP)]
+
+
+def snapshot(out: Path) -> dict[str, str]:
+    return {n: sha256(out / n) for n in listing(out)}
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "stream_merge", *map(str, args)]
+
+
+@dataclass
+class World:
+    root: Path
+    base: Path
+    adapter: Path
+    ref: Path
+    ref_files: dict[str, str]
+    shards: list[str]
+    zygote: Zygote
+    t_full: float = 0.0
+    t_noop: float = 0.0
+    kills: list[str] = field(default_factory=list)  # one entry per SIGKILL that hit a running merge
+
+    def args(self, out: Path, *extra: object, adapter: Path | None = None) -> list[str]:
+        return ["merge", str(self.base), str(adapter or self.adapter), "-o", str(out), "--block-size-mb", "1",
+                "--device", "cpu", *map(str, extra)]
+
+    def assert_identical(self, out: Path, allow_lock: bool = False) -> None:
+        """OUT is complete: the same files as the reference, byte for byte (no temp files, no lock)."""
+        names = set(listing(out)) - ({LOCK} if allow_lock else set())
+        assert names == set(self.ref_files), f"files differ from the reference: {sorted(names ^ set(self.ref_files))}"
+        bad = [n for n in sorted(names) if sha256(out / n) != self.ref_files[n]]
+        assert not bad, f"not byte-identical to the reference: {bad}"
+
+    def check_invariant(self, out: Path) -> str:
+        """The crash invariant; returns 'complete', 'partial' (some shards, no index) or 'empty'."""
+        names = listing(out)
+        if INDEX in names:
+            self.assert_identical(out, allow_lock=True)
+            return "complete"
+        for n in names:
+            if n in (LOCK, JOURNAL) or n.startswith(TMP):
+                continue
+            assert n in self.ref_files, f"unexpected file {n!r} in OUT"
+            assert sha256(out / n) == self.ref_files[n], f"published file {n!r} differs from the reference"
+        if JOURNAL in names:
+            journal = json.loads((out / JOURNAL).read_text())
+            for f, entry in journal["shards"].items():
+                assert f in names, f"journal lists {f} but it is not in OUT"
+                assert entry["sha256"] == self.ref_files[f] == sha256(out / f), f
+        return "partial" if any(n in self.shards for n in names) else "empty"
+
+    def calibrate(self) -> None:
+        """Time a full merge and a no-op re-run now (the machine's load changes; the kill delays follow it)."""
+        scratch = self.root / "calibrate"
+        shutil.rmtree(scratch, ignore_errors=True)
+        self.t_full = self.finish(scratch).seconds
+        self.t_noop = self.finish(scratch).seconds
+        shutil.rmtree(scratch)
+
+    def finish(self, out: Path, *extra: object) -> Child:
+        child = self.zygote.start(self.args(out, *extra))
+        assert child.wait() == 0, child.stderr
+        self.assert_identical(out)
+        return child
+
+    def kill_at(self, out: Path, when: Callable[[Child], str], *extra: object) -> str:
+        """Start a merge, wait for `when(child)` (which says when it fired), SIGKILL the merge, check the
+        invariant. Returns the state OUT was left in, or 'finished' if the merge completed first."""
+        child = self.zygote.start(self.args(out, *extra))
+        moment = when(child)
+        child.signal(signal.SIGKILL)
+        rc = child.wait()
+        if rc == 0:  # it finished first
+            self.assert_identical(out)
+            return "finished"
+        assert rc == -signal.SIGKILL, f"rc={rc}\n{child.stderr}"
+        self.kills.append(f"{out.name}@{moment}")
+        return self.check_invariant(out)
+
+
+def after_seconds(delay: float) -> Callable[[Child], str]:
+    def when(child: Child) -> str:
+        time.sleep(max(0.0, delay - (time.perf_counter() - child.started)))
+        return f"{delay:.3f}s"
+    return when
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def shard_bytes_in(out: Path) -> int:
+    """Bytes of shards in OUT, published or still being written."""
+    n = 0
+    for e in os.scandir(out):
+        if e.name.endswith(".safetensors") or (e.name.startswith(TMP) and ".safetensors." in e.name):
+            try:
+                n += e.stat().st_size
+            except FileNotFoundError:
+                pass
+    return n
+
+
+def after_written(out: Path, target: int) -> Callable[[Child], str]:
+    """Once this run has (re)written its journal (so any --fresh cleanup is over) and `target` bytes of shards
+    are in OUT: a random point of the output byte stream, the same whatever the machine's load."""
+    before = _stamp(out / JOURNAL)
+
+    def when(child: Child) -> str:
+        wait_for(lambda: _stamp(out / JOURNAL) not in (None, before) or not alive(child.pid), what="journal")
+        wait_for(lambda: not alive(child.pid) or shard_bytes_in(out) >= target, what=f"{target} bytes")
+        return f"{target}B"
+    return when
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 120, what: str = "") -> None:
+    t0 = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def stopped(pid: int) -> bool:
+    return _state(pid) in "tT"
+
+
+def alive(pid: int) -> bool:
+    """Still running (a zygote child stays a zombie until reaped, so its pid stays valid)."""
+    return _state(pid) not in "ZX"
+
+
+def journaled(out: Path, n: int) -> Callable[[], bool]:
+    """At least n shards recorded in OUT's journal."""
+    def cond() -> bool:
+        try:
+            return len(json.loads((out / JOURNAL).read_text())["shards"]) >= n
+        except (OSError, ValueError, KeyError):
+            return False
+    return cond
+
+
+@pytest.fixture(scope="module")
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("crash")
+    (root / "logs").mkdir()
+    zygote = Zygote(root / "logs")  # imports torch while we build the inputs and the reference
+    try:
+        base, adapter = make_pair(root, SHAPE, shard_bytes=SHARD_BYTES)
+        ref = root / "ref"
+        res = subprocess.run(cli(*["merge", base, adapter, "-o", ref, "--block-size-mb", "1", "--device", "cpu"]),
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        shards = sorted(set(json.loads((ref / INDEX).read_text())["weight_map"].values()))
+        assert 8 <= len(shards) <= 12
+        w = World(root=root, base=base, adapter=adapter, ref=ref, ref_files=snapshot(ref), shards=shards,
+                  zygote=zygote)
+        w.calibrate()  # also proves that the zygote's merges are byte-identical to the real CLI's
+        yield w
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capman = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capman is not None:
+            with capman.global_and_fixture_disabled():
+                reporter.write_line(f"\ntest_crash_resume: {len(w.kills)} SIGKILLs landed mid-merge "
+                                    f"(full merge {w.t_full:.2f} s, no-op re-run {w.t_noop:.2f} s)")
+    finally:
+        zygote.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGKILL at random moments
+
+
+def test_sigkill_at_random_moments_then_resume(world: World) -> None:
+    """Two OUT folders, six random kills each, each followed by a re-run to completion. The kills hit a new
+    folder, a `--fresh` restart over a complete folder (both at a random byte of the output), and a re-run of
+    a complete folder (at a random time: it writes no shard bytes)."""
+    rng = random.Random(1234)
+    outs = [world.root / "rand-a", world.root / "rand-b"]
+    total = sum((world.ref / s).stat().st_size for s in world.shards)
+    world.calibrate()  # the no-op re-run's duration under the load of this moment
+    seen: dict[str, int] = {}
+    kills_before = len(world.kills)
+    for i in range(6):
+        for j, out in enumerate(outs):
+            mode = ("new-folder", "fresh-flag", "rerun-complete")[(i + j) % 3]
+            if mode == "new-folder":
+                shutil.rmtree(out, ignore_errors=True)
+            if mode == "rerun-complete":
+                when = after_seconds(rng.uniform(0, world.t_noop))
+            else:
+                when = after_written(out, int(rng.uniform(0, 1) * total))
+            state = world.kill_at(out, when, *(("--fresh",) if mode == "fresh-flag" else ()))
+            seen[state] = seen.get(state, 0) + 1
+            world.finish(out)
+    assert len(world.kills) - kills_before >= 7, seen
+    assert seen.get("partial", 0) >= 4, f"too few kills landed while shards were being written: {seen}"
+
+
+def test_repeated_sigkills_on_one_out_then_finish(world: World) -> None:
+    """kill, kill, kill, ... on the same OUT, each run resuming the last, then finish. Kill i lands at a random
+    moment after the journal holds i shards, so every run makes some progress whatever the machine's load."""
+    rng = random.Random(99)
+    out = world.root / "chain"
+    world.calibrate()
+    per_shard = world.t_full / len(world.shards)
+    states = []
+    for i in range(1, len(world.shards)):
+        child = world.zygote.start(world.args(out))
+        wait_for(lambda: journaled(out, i)() or not alive(child.pid), what=f"{i} journaled shards")
+        time.sleep(rng.uniform(0, per_shard))
+        child.signal(signal.SIGKILL)
+        rc = child.wait()
+        if rc == 0:
+            states.append("finished")
+            break
+        assert rc == -signal.SIGKILL, f"rc={rc}\n{child.stderr}"
+        world.kills.append(f"chain-{i}")
+        states.append(world.check_invariant(out))
+    world.finish(out)
+    assert states.count("partial") >= 6, states
+
+
+def test_sigkill_real_cli_process_then_resume(world: World) -> None:
+    """The literal `python -m stream_merge merge ...` process, SIGKILLed once two shards are journaled."""
+    out = world.root / "real-kill"
+    proc = subprocess.Popen(cli(*world.args(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: journaled(out, 2)() or proc.poll() is not None, what="two journaled shards")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the merge finished before it could be killed"
+    world.kills.append("real-cli")
+    assert world.check_invariant(out) == "partial"
+    res = subprocess.run(cli(*world.args(out)), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    m = RESUMED.search(res.stdout)
+    assert m and int(m.group(1)) >= 2, res.stdout
+    world.assert_identical(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM, and a write that fails
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_exits_130_cleanly_and_resumes(world: World, sig: int) -> None:
+    out = world.root / f"interrupt-{sig.name}"
+    proc = subprocess.Popen(cli(*world.args(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: journaled(out, 1)() or proc.poll() is not None, what="the first journaled shard")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, f"rc={proc.returncode}\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert temps(out) == [], f"temp files left behind: {temps(out)}"
+    assert world.check_invariant(out) == "partial"
+    m = RESUMED.search(world.finish(out).stdout)
+    assert m and int(m.group(1)) >= 1
+
+
+def test_failing_write_exits_2_naming_the_shard_then_resumes(world: World) -> None:
+    """RLIMIT_FSIZE makes one shard's write fail with EFBIG (Python ignores SIGXFSZ)."""
+    sizes = [(world.ref / s).stat().st_size for s in world.shards]
+    # the first shard that is bigger than every shard before it fails; the ones before it succeed
+    fail = next((i for i in range(1, len(sizes)) if sizes[i] > max(sizes[:i])), 0)
+    below = max(sizes[:fail]) if fail else 0
+    limit = below + (sizes[fail] - below) // 2
+    assert limit > 64 * 1024  # the journal and other small files still fit
+    out = world.root / "fsize"
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    res = subprocess.run(cli(*world.args(out)), capture_output=True, text=True, timeout=600,
+                         preexec_fn=limit_file_size)
+    assert res.returncode == 2, f"rc={res.returncode}\n{res.stderr}"
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert world.shards[fail] in res.stderr, f"the error does not name {world.shards[fail]}: {res.stderr}"
+    assert temps(out) == [], f"temp files left behind: {temps(out)}"
+    assert not (out / INDEX).exists()
+    assert world.check_invariant(out) in ("partial", "empty")
+    assert all((out / s).exists() for s in world.shards[:fail])
+    done = world.finish(out)
+    assert f"({fail} resumed)" in done.stdout, done.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resume semantics
+
+
+def test_rerun_resumes_finished_shards(world: World) -> None:
+    out = world.root / "resume"
+    child = world.zygote.start(world.args(out))
+    wait_for(lambda: journaled(out, 3)() or not alive(child.pid), what="three journaled shards")
+    child.signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the merge finished before it could be killed"
+    world.kills.append("resume")
+    world.check_invariant(out)
+    n_journaled = len(json.loads((out / JOURNAL).read_text())["shards"])
+    done = world.finish(out)
+    m = RESUMED.search(done.stdout)
+    assert m and int(m.group(1)) == n_journaled >= 3, done.stdout
+
+
+def test_damaged_finished_shards_are_redone(world: World) -> None:
+    out = world.root / "damaged"
+    shutil.copytree(world.ref, out)
+    flipped, cut, gone = world.shards[1], world.shards[4], world.shards[-1]
+    data = bytearray((out / flipped).read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit off
+    (out / flipped).write_bytes(bytes(data))
+    with open(out / cut, "r+b") as f:
+        f.truncate((out / cut).stat().st_size - 1)
+    (out / gone).unlink()
+    done = world.finish(out)
+    assert f"({len(world.shards) - 3} resumed)" in done.stdout, done.stdout
+
+
+def _assert_refused(child: Child, *names: str) -> None:
+    rc = child.wait()
+    err = child.stderr
+    assert rc == 2, f"rc={rc}\n{err}"
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for n in names:
+        assert n in err, f"{n!r} not in {err!r}"
+
+
+def test_other_inputs_or_options_are_refused_until_fresh(world: World) -> None:
+    other = world.root / "other-adapter"
+    if not other.exists():
+        write_adapter(other, SHAPE, r=4, alpha=6.0, seed=5)
+    out = world.root / "mismatch"
+    shutil.copytree(world.ref, out)
+    before = snapshot(out)
+    # a different adapter, and different --weights, into a complete OUT: refused, OUT untouched
+    _assert_refused(world.zygote.start(world.args(out, adapter=other)), "--fresh")
+    _assert_refused(world.zygote.start(world.args(out, "--weights", "0.5")), "--fresh")
+    lock_left = LOCK in listing(out)  # checked last, so that the rest of the test still runs
+    assert {n: h for n, h in snapshot(out).items() if n != LOCK} == before
+    # ... and into a partial OUT
+    partial = world.root / "mismatch-partial"
+    child = world.zygote.start(world.args(partial))
+    wait_for(lambda: journaled(partial, 2)() or not alive(child.pid), what="two journaled shards")
+    child.signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    world.kills.append("mismatch-partial")
+    partial_before = {n: h for n, h in snapshot(partial).items() if not n.startswith(TMP) and n != LOCK}
+    _assert_refused(world.zygote.start(world.args(partial, adapter=other)), "--fresh")
+    assert {n: h for n, h in snapshot(partial).items() if not n.startswith(TMP) and n != LOCK} == partial_before
+    world.finish(partial)
+    # --fresh starts over with the new options; then the original command is refused again, and --fresh restores
+    child = world.zygote.start(world.args(out, "--weights", "0.5", "--fresh"))
+    assert child.wait() == 0, child.stderr
+    assert (out / INDEX).exists()
+    changed = [s for s in world.shards if sha256(out / s) != world.ref_files[s]]
+    assert changed, "--weights 0.5 produced the same shards as weight 1.0"
+    _assert_refused(world.zygote.start(world.args(out)), "--fresh")
+    world.finish(out, "--fresh")
+    assert not lock_left, f"a refused run left {LOCK} behind in a complete output folder"
+
+
+def test_second_concurrent_run_fails_fast_on_the_lock(world: World) -> None:
+    out = world.root / "locked"
+    first = world.zygote.start(world.args(out))
+    try:
+        wait_for(lambda: journaled(out, 1)() or not alive(first.pid), what="the first run to hold the lock")
+        first.signal(signal.SIGSTOP)  # hold it mid-merge, lock taken
+        wait_for(lambda: stopped(first.pid), timeout=30, what="SIGSTOP to take effect")
+        before = snapshot(out)
+        t0 = time.perf_counter()
+        res = subprocess.run(cli(*world.args(out)), capture_output=True, text=True, timeout=120)
+        took = time.perf_counter() - t0
+        assert res.returncode == 2, f"rc={res.returncode}\n{res.stderr}"
+        assert "Traceback" not in res.stderr
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and str(out) in lines[0], res.stderr
+        assert took < 60, f"the second run waited {took:.1f} s instead of failing fast"
+        assert snapshot(out) == before, "the refused second run changed OUT"
+    finally:
+        first.signal(signal.SIGCONT)
+    assert first.wait() == 0, first.stderr
+    world.assert_identical(out)
+
+
+def test_stale_temp_files_are_removed(world: World) -> None:
+    stale = {f"{TMP}{world.shards[0]}.4242.deadbeef": b"half a shard",
+             f"{TMP}{JOURNAL}.4242.cafef00d": b'{"version": 1, "shar'}
+    # an otherwise empty OUT holding only stale temp files
+    out = world.root / "stale-new"
+    out.mkdir()
+    for name, data in stale.items():
+        (out / name).write_bytes(data)
+    world.finish(out)  # assert_identical: no temp file left
+    # a partial OUT (after a kill) plus stale temp files
+    out = world.root / "stale-partial"
+    child = world.zygote.start(world.args(out))
+    wait_for(lambda: journaled(out, 1)() or not alive(child.pid), what="the first journaled shard")
+    child.signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    world.kills.append("stale-partial")
+    for name, data in stale.items():
+        (out / name).write_bytes(data)
+    world.finish(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the interrupt window of the atomic writer itself
+
+INTERRUPT_LOOP = r"""
+import os, random, shutil, signal, sys, time
+from pathlib import Path
+from stream_merge.safetensors_io import TMP_PREFIX, AtomicFile, write_file_atomic
+root, trials = Path(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(5)
+leaks = []
+for i in range(trials):
+    sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
+    d = root / f"t{i}"
+    d.mkdir()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        # as in `python -m stream_merge`: SIGINT raises KeyboardInterrupt, and cli.main maps SIGTERM onto it
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        os.write(w, b"go")
+        try:
+            k = 0
+            while True:
+                with AtomicFile(d / f"model-{k % 3}.safetensors") as f:
+                    f.write(b"x" * 4096)
+                    f.commit()
+                write_file_atomic(d / "stream_merge.journal.json", b"{}")
+                k += 1
+        except KeyboardInterrupt:
+            os._exit(130)
+        os._exit(1)
+    os.close(w)
+    os.read(r, 2)
+    os.close(r)
+    time.sleep(rng.uniform(0.001, 0.01))
+    os.kill(pid, sig)
+    os.waitpid(pid, 0)
+    left = sorted(p.name for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
+    if left:
+        leaks.append((sig.name, left))
+    shutil.rmtree(d)
+print(f"{len(leaks)} of {trials} interrupts left temp files: {leaks[:3]}")
+"""
+
+
+def test_an_interrupt_at_any_moment_leaves_no_temp_file(tmp_path: Path) -> None:
+    """Hundreds of SIGINT/SIGTERMs at random moments into a loop of atomic writes (shards and journal). The
+    few microseconds between creating the temp file and entering its `with` block must be covered too."""
+    res = subprocess.run([sys.executable, "-c", INTERRUPT_LOOP, str(tmp_path), "200"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("0 of "), res.stdout
