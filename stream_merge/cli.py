@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: create the repo private")
     m.add_argument("--no-local-copy", dest="local_copy", action="store_false", default=None,
                    help="with --push-to-hub: delete each shard from OUT once it is uploaded")
+    m.add_argument("--worker", metavar="I/N",
+                   help="merge only partition I of N (0-based, balanced by bytes) into the shared OUT; the last "
+                        "worker to finish writes the index (or run `stream-merge finalize OUT`)")
+    m.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run one Ray task per shard (a local Ray instance, or the cluster at ADDRESS); needs "
+                        "stream-merge[ray] and BASE/OUT on a shared file system")
     m.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p = sub.add_parser("plan", help="show what a merge would do, without writing anything",
                        description="Print the plan: per shard the tensors patched and copied, the module -> tensor "
@@ -93,12 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output", metavar="OUT", help="a folder written by stream-merge merge")
     v.add_argument("--full", action="store_true", help="recompute all tensors from the recorded BASE and ADAPTERs")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
+    f = sub.add_parser("finalize", help="after partitioned --worker runs: check every shard, write the index",
+                       description="Check that every shard of a partitioned merge is finished and matches the "
+                                   "journal (size and sha256), then write the side files, the record and the index. "
+                                   "Refuses (exit 2) while shards are missing.")
+    f.add_argument("output", metavar="OUT", help="the shared output folder of the --worker runs")
+    f.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("weights", "strict", "allow_pickle", "untie", "dequantize", "output", "device", "dry_run", "fresh", "block_size_mb",
-            "check_finite", "token", "prefetch", "keep_downloads", "push_to_hub", "private", "local_copy")
+            "check_finite", "token", "prefetch", "keep_downloads", "push_to_hub", "private", "local_copy",
+            "worker", "ray")
     opts = {k: getattr(args, k, None) for k in keys}
     opts["key_map"] = _key_map(args.key_map)
     opts["base"] = args.base
@@ -176,12 +189,25 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print("dry run: plan is valid, nothing written")
         return 0
     gib = 2**30
+    if report.pending:
+        print(f"worker {cfg.worker}: {len(report.shards)} shards done ({report.resumed_shards} resumed), "
+              f"{report.bytes_written / gib:.2f} GiB in {report.seconds:.1f} s; {len(report.pending)} shards are "
+              "left to other workers (the last one writes the index, or run `stream-merge finalize OUT`)")
+        return 0
     print(f"merged {len(p.adapters)} adapter(s) into {report.output}: {p.patched_tensors} tensors patched, "
           f"{p.copied_tensors} copied, {len(report.shards)} shards ({report.resumed_shards} resumed), "
           f"{report.bytes_written / gib:.2f} GiB written in {report.seconds:.1f} s, peak RSS "
           f"{report.peak_rss_bytes / gib:.2f} GiB")
     if cfg.push_to_hub:
         print(f"pushed to {cfg.push_to_hub}")
+    return 0
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from .runner import finalize
+
+    report = finalize(args.output)
+    print(f"finalized {report.output}: {len(report.shards)} shards verified, index written")
     return 0
 
 
@@ -206,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        return {"merge": _cmd_merge, "plan": _cmd_plan, "verify": _cmd_verify}[args.command](args)
+        return {"merge": _cmd_merge, "plan": _cmd_plan, "verify": _cmd_verify, "finalize": _cmd_finalize}[args.command](args)
     except StreamMergeError as exc:
         if getattr(args, "debug", False):
             raise

@@ -31,6 +31,8 @@ class MergeConfig:
     allow_pickle: bool = False
     untie: bool = False
     dequantize: bool = False
+    worker: str | None = None
+    ray: str | None = None
     key_map: tuple[tuple[str, str], ...] = ()
     block_size_mb: int = 2
     check_finite: bool = True
@@ -104,7 +106,7 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(float(x) for x in vals)
     if key == "key_map":
         return _key_map(value)
-    if key in ("base", "output", "device", "token", "push_to_hub"):
+    if key in ("base", "output", "device", "token", "push_to_hub", "worker", "ray"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key} must be a non-empty string, got {value!r}", key=key)
         return value
@@ -167,6 +169,12 @@ def build_config(file_options: Mapping[str, Any] | None = None, **overrides: Any
                           fix="give one weight per adapter")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}", key="device")
+    if cfg.worker is not None:
+        from .partition import parse_worker
+
+        parse_worker(cfg.worker)
+        if cfg.ray is not None:
+            raise ConfigError("--worker and --ray are two ways to split a merge; use one", key="worker")
     if cfg.push_to_hub is None and (cfg.private or not cfg.local_copy):
         raise ConfigError(f"{'private' if cfg.private else 'local_copy: false (--no-local-copy)'} only applies "
                           "with push_to_hub",

@@ -316,6 +316,7 @@ class MergeReport:
     peak_rss_bytes: int
     dry_run: bool = False
     resumed_shards: int = 0
+    pending: tuple[str, ...] = ()  # shards other workers still have to finish (partitioned runs)
 
     @property
     def bytes_written(self) -> int:

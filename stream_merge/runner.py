@@ -26,9 +26,10 @@ from .adapter import AdapterReader, load_adapter
 from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
 from .config import MergeConfig
-from .errors import CompatibilityError, MergeInterrupted, OutputError, PlanError
+from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputError, PlanError
 from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
-from .journal import JOURNAL_NAME, Journal, file_sha256, load_journal
+from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
+from .partition import parse_worker, split
 from .plan import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, ShardReader, fsync_dir, write_file_atomic
@@ -37,6 +38,7 @@ from .worker import Compute, merge_shard
 
 log = logging.getLogger("stream_merge")
 LOCK_NAME = ".stream-merge.lock"
+LOCK_GLOB = ".stream-merge*.lock"
 Progress = Callable[[int, str], None]
 
 
@@ -98,10 +100,11 @@ def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Fail fast when another run writes to OUT. On the way out (success, refusal, error or Ctrl-C) the lock
-    file and every temp file of this process are removed, so a refused run leaves OUT as it found it."""
-    lock = out / LOCK_NAME
+def _locked(out: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Fail fast when another run writes the same shards of OUT (each `--worker I/N` has its own lock). On
+    the way out (success, refusal, error or Ctrl-C) the lock file and every temp file of this process are
+    removed, so a refused run leaves OUT as it found it."""
+    lock = out / name
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     held = False
     try:
@@ -120,11 +123,15 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _clean_stale_temps(out: Path) -> int:
+def _clean_stale_temps(out: Path, mine: set[str] | None = None) -> int:
+    """Remove temp files left by killed runs: all of them, or (for `--worker`) only those of this worker's
+    shards, since other workers may be writing theirs right now. Temp names are `<prefix><file>.<pid>.<id>`."""
     n = 0
     for p in out.glob(TMP_PREFIX + "*"):
-        p.unlink(missing_ok=True)
-        n += 1
+        target = p.name[len(TMP_PREFIX):].rsplit(".", 2)[0]
+        if mine is None or target in mine:
+            p.unlink(missing_ok=True)
+            n += 1
     return n
 
 
@@ -132,13 +139,16 @@ def _prepare_journal(out: Path, plan: MergePlan, fingerprint: str, inputs: dict[
                      fresh: bool) -> Journal:
     """Reuse a matching journal, refuse a mismatching one (unless --fresh), or start a new one."""
     journal = load_journal(out) if not fresh else None
-    ours = {s.file for s in plan.shards} | {INDEX_NAME, RECORD_NAME, JOURNAL_NAME}
+    ours = {s.file for s in plan.shards} | {INDEX_NAME, RECORD_NAME}
     if fresh:
         for name in ours:
             (out / name).unlink(missing_ok=True)
+        remove_journal(out)
     elif journal is None:
+        # (another --worker starting at the same moment may already have written the journal and a shard)
         foreign = sorted(p.name for p in out.iterdir()
-                         if p.name not in (LOCK_NAME, DOWNLOADS_DIR) and not p.name.startswith(TMP_PREFIX))
+                         if p.name not in (DOWNLOADS_DIR, SHARDS_DIR, JOURNAL_NAME) and not p.match(LOCK_GLOB)
+                         and not p.name.startswith(TMP_PREFIX) and p.name not in ours)
         if foreign:
             raise OutputError(f"output folder is not empty and holds no stream-merge journal ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''})", file=str(out),
@@ -260,12 +270,13 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],
                                        sorted(options.items()), __version__.split(".")[0])
                                       + ((revisions,) if any(revisions) else ())).encode()).hexdigest()
+    mine = _partition(cfg, plan)
+    lock = LOCK_NAME if cfg.worker is None else f".stream-merge-{cfg.worker.replace('/', '-of-')}.lock"
     complete, pusher = False, None
     try:
-        with _locked(out):
-            _clean_stale_temps(out)
+        with _locked(out, lock):
+            _clean_stale_temps(out, None if cfg.worker is None else mine)
             journal = _prepare_journal(out, plan, fingerprint, inputs, options, cfg.fresh)
-            (out / INDEX_NAME).unlink(missing_ok=True)  # "complete" only once everything below is done
             if cfg.push_to_hub:
                 from .push import Pusher
 
@@ -273,55 +284,141 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                                      private=cfg.private, local_copy=cfg.local_copy)
             done = {}
             for s in plan.shards:
+                if s.file not in mine:
+                    continue
                 r = _shard_done(out, journal, s.file)
                 if r is None and pusher is not None and not cfg.local_copy and s.file in journal.shards \
                         and pusher.pushed(s.file, journal.shards[s.file]["sha256"]):
                     r = _journal_result(journal, s.file)  # pushed, and its local copy deleted as asked
                 if r is not None:
                     done[s.file] = r
-            journal.shards = {f: e for f, e in journal.shards.items() if f in done}
+            todo = [s.file for s in plan.shards if s.file in mine and s.file not in done]
+            if todo:
+                (out / INDEX_NAME).unlink(missing_ok=True)  # "complete" only once everything is done again
+            for f in todo:
+                journal.forget(out, f)
             journal.save(out)
-            todo = [s.file for s in plan.shards if s.file not in done]
             _check_disk(out, plan, todo, base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
             if pusher is not None:
                 for r in done.values():  # finished by an earlier run, maybe not pushed yet
                     pusher.submit(r.file, r.sha256)
             compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024,
                               check_finite=cfg.check_finite)
-            results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch, pusher)
-            side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out,
-                                   plan.config_updates)
-            labels = [s.spec for s in adapter_srcs]
-            write_file_atomic(out / "README.md", model_card(plan, cfg.base, labels))
-            write_record(out, {
-                "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
-                "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
-                "compatibility": findings, "warnings": list(plan.warnings), "side_files": side,
-                "shards": shard_entries(results),
-            })
-            write_index(out, plan)
-            fsync_dir(out)
-            if pusher is not None:
-                pusher.finish([*side, "README.md", RECORD_NAME, INDEX_NAME])
-            complete = True
+            if cfg.ray is not None:
+                from .ray_runner import merge_on_ray
+
+                if base_src.kind != "local":
+                    raise ConfigError("--ray needs BASE on a file system every Ray node can read",
+                                      key="ray", fix="download the base first, or run without --ray")
+                results = merge_on_ray(plan, base_src.folder(), out, journal, done, todo, compute, progress,
+                                       None if cfg.ray == "local" else cfg.ray)
+            else:
+                results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch,
+                                        pusher, todo)
+            pending = _pending(out, plan, journal)
+            if not pending:
+                side = _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], cfg.base, inputs, options,
+                                 findings, journal)
+                if pusher is not None:
+                    pusher.finish([*side, "README.md", RECORD_NAME, INDEX_NAME])
+                complete = True
     finally:
         base_src.close(complete)
         if pusher is not None:
             pusher.close()
     return MergeReport(output=str(out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
-                       peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(done))
+                       peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(done), pending=tuple(pending))
+
+
+def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:
+    """The shards this run merges: all of them, or worker I's share of a deterministic split by bytes."""
+    if cfg.worker is None:
+        return {s.file for s in plan.shards}
+    i, n = parse_worker(cfg.worker)
+    if cfg.fresh:
+        raise ConfigError("--fresh cannot be combined with --worker: one worker would delete the others' shards",
+                          key="fresh", fix="run --fresh once without --worker (or empty OUT), then start the workers")
+    return set(split([(s.file, s.in_bytes) for s in plan.shards], n)[i])
+
+
+def _pending(out: Path, plan: MergePlan, journal: Journal) -> list[str]:
+    """Shards not finished yet by any worker (records re-read: other workers share OUT)."""
+    journal.reload(out)
+    return [s.file for s in plan.shards
+            if s.file not in journal.shards or not (out / s.file).exists()
+            or (out / s.file).stat().st_size != journal.shards[s.file]["size"]]
+
+
+def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequence[str], base_label: str,
+              inputs: dict[str, Any], options: dict[str, Any], findings: Sequence[str], journal: Journal) -> list[str]:
+    """Every shard is on disk: write the side files, the model card, the record and, last, the index."""
+    results = [_journal_result(journal, s.file) for s in plan.shards]
+    side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
+    write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels))
+    write_record(out, {
+        "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
+        "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
+        "compatibility": list(findings), "warnings": list(plan.warnings), "side_files": side,
+        "shards": shard_entries(results),
+    })
+    write_index(out, plan)
+    fsync_dir(out)
+    return side
+
+
+def config_from_journal(inputs: dict[str, Any], options: dict[str, Any], output: str | None = None) -> MergeConfig:
+    """The MergeConfig that produced a journal/record: inputs pinned to their recorded revisions."""
+    from .config import build_config
+
+    def spec(entry: dict[str, Any]) -> str:
+        if entry.get("revision"):
+            return f"{entry['spec'].split('@')[0]}@{entry['revision']}"
+        return entry["path"]
+
+    return build_config(base=spec(inputs["base"]), adapters=[spec(a) for a in inputs["adapters"]],
+                        weights=[a["weight"] for a in inputs["adapters"]], output=output,
+                        key_map=options.get("key_map") or None, allow_pickle=options.get("allow_pickle", False),
+                        untie=options.get("untie", False), dequantize=options.get("dequantize", False),
+                        strict=options.get("strict", False), check_finite=options.get("check_finite", True))
+
+
+def finalize(output: str | Path) -> MergeReport:
+    """`stream-merge finalize OUT`: after partitioned workers, check every shard against the journal (size and
+    sha256) and write the index and record; refuses while shards are missing."""
+    t0 = time.perf_counter()
+    out = Path(output)
+    journal = load_journal(out)
+    if journal is None:
+        raise OutputError("no stream-merge journal in this folder", file=str(out),
+                          fix="run `stream-merge merge ... -o OUT` (or its --worker runs) first")
+    cfg = config_from_journal(journal.inputs, journal.options, str(out))
+    plan, base_src, adapter_srcs, findings = plan_merge(cfg)
+    with _locked(out, ".stream-merge-finalize.lock"):
+        journal.reload(out)
+        missing = [s.file for s in plan.shards if _shard_done(out, journal, s.file) is None]
+        if missing:
+            raise OutputError(f"{len(missing)} of {len(plan.shards)} shards are not finished or do not match the "
+                              f"journal: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
+                              file=str(out), fix="run the missing workers (or the same merge command) again")
+        _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], journal.inputs["base"]["spec"],
+                  journal.inputs, journal.options, findings, journal)
+    base_src.close(True)
+    return MergeReport(output=str(out), plan=plan, shards=tuple(_journal_result(journal, s.file) for s in plan.shards),
+                       seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
+                       resumed_shards=len(plan.shards))
 
 
 def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
-                  compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None
-                  ) -> list[ShardResult]:
+                  compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None,
+                  todo_files: Sequence[str] | None = None) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     results: list[ShardResult] = []
     bar = None
     if progress is True:
         from tqdm import tqdm
 
-        total = sum(s.out_data_bytes for s in plan.shards if s.file not in done)
+        wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
+        total = sum(s.out_data_bytes for s in plan.shards if s.file in wanted)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
         progress = lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))  # noqa: E731
     elif not progress:
@@ -335,10 +432,13 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
     # TF32 would change the bits (PEFT_SEMANTICS §0): off for matmuls and for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        todo = [s for s in plan.shards if s.file not in done]
+        wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
+        todo = [s for s in plan.shards if s.file in wanted]
         for shard in plan.shards:
             if shard.file in done:
                 results.append(done[shard.file])
+                continue
+            if shard.file not in wanted:
                 continue
             header = next(h for h in plan.base.shards if h.file == shard.file)
             pos = todo.index(shard)
@@ -347,9 +447,8 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
             with ShardReader(base.shard_path(shard.file), header) as reader:
                 res = merge_shard(shard, reader, adapters, out / shard.file, compute,
                                   lambda n, f=shard.file: progress(n, f))
-            journal.shards[shard.file] = {"size": res.size, "sha256": res.sha256, "patched": res.patched,
-                                          "copied": res.copied}
-            journal.save(out)
+            journal.record(out, shard.file, {"size": res.size, "sha256": res.sha256, "patched": res.patched,
+                                             "copied": res.copied})
             base.release(shard.file)
             if pusher is not None:
                 pusher.submit(shard.file, res.sha256)

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from conftest import make_pair
+from stream_merge.journal import SHARDS_DIR, load_journal
 
 from stream_merge.synthetic import LlamaShape, write_adapter
 
@@ -169,7 +171,8 @@ def sha256(path: Path) -> str:
 
 
 def listing(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+    """OUT's files (the journal's per-shard records are checked through journal_shards)."""
+    return sorted(p.name for p in out.iterdir() if p.name != SHARDS_DIR) if out.exists() else []
 
 
 def temps(out: Path) -> list[str]:
@@ -220,8 +223,7 @@ class World:
             assert n in self.ref_files, f"unexpected file {n!r} in OUT"
             assert sha256(out / n) == self.ref_files[n], f"published file {n!r} differs from the reference"
         if JOURNAL in names:
-            journal = json.loads((out / JOURNAL).read_text())
-            for f, entry in journal["shards"].items():
+            for f, entry in journal_shards(out).items():
                 assert f in names, f"journal lists {f} but it is not in OUT"
                 assert entry["sha256"] == self.ref_files[f] == sha256(out / f), f
         return "partial" if any(n in self.shards for n in names) else "empty"
@@ -316,11 +318,17 @@ def alive(pid: int) -> bool:
     return _state(pid) not in "ZX"
 
 
+def journal_shards(out: Path) -> dict:
+    """The finished-shard records of OUT's journal (one small file per shard)."""
+    journal = load_journal(out)
+    return journal.shards if journal else {}
+
+
 def journaled(out: Path, n: int) -> Callable[[], bool]:
     """At least n shards recorded in OUT's journal."""
     def cond() -> bool:
         try:
-            return len(json.loads((out / JOURNAL).read_text())["shards"]) >= n
+            return len(journal_shards(out)) >= n
         except (OSError, ValueError, KeyError):
             return False
     return cond
@@ -492,7 +500,7 @@ def test_rerun_resumes_finished_shards(world: World) -> None:
     assert child.wait() == -signal.SIGKILL, "the merge finished before it could be killed"
     world.kills.append("resume")
     world.check_invariant(out)
-    n_journaled = len(json.loads((out / JOURNAL).read_text())["shards"])
+    n_journaled = len(journal_shards(out))
     done = world.finish(out)
     m = RESUMED.search(done.stdout)
     assert m and int(m.group(1)) == n_journaled >= 3, done.stdout

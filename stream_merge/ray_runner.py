@@ -1,0 +1,136 @@
+"""Run a plan's shards as Ray tasks (`--ray [ADDRESS]`): the driver plans and finalizes, each task merges one
+shard with the same worker code and writes its own journal record, so a task that dies is simply retried
+and finished shards are never redone. Needs the optional extra `stream-merge[ray]` and a base and output on
+a file system every node can read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import ConfigError, MergeInterrupted, StreamMergeError
+from .journal import Journal
+from .records import MergePlan, ShardResult
+
+FAIL_ONCE_ENV = "STREAM_MERGE_TEST_FAIL_ONCE"  # testing hook: "<shard file>:<marker path>"
+PROGRESS_EVERY = 32 * 1024 * 1024
+
+
+def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, block_bytes: int, check_finite: bool,
+                progress_actor: object) -> ShardResult:
+    """One shard, inside a Ray worker process."""
+    import torch
+
+    from .adapter import AdapterReader
+    from .runner import compute_threads
+    from .safetensors_io import ShardReader
+    from .worker import Compute, merge_shard
+
+    hook = os.environ.get(FAIL_ONCE_ENV, "")
+    if hook.startswith(file + ":"):
+        marker = Path(hook.split(":", 1)[1])
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError(f"injected failure for {file} ({FAIL_ONCE_ENV})")
+    torch.set_num_threads(compute_threads())
+    shard = next(s for s in plan.shards if s.file == file)
+    header = next(h for h in plan.base.shards if h.file == file)
+    adapters = [AdapterReader(spec) for spec in plan.adapters]
+    pending = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal pending
+        pending += n
+        if pending >= PROGRESS_EVERY:
+            progress_actor.add.remote(pending)  # type: ignore[attr-defined]
+            pending = 0
+
+    try:
+        with ShardReader(Path(base_dir) / file, header) as reader:
+            res = merge_shard(shard, reader, adapters, Path(out) / file, Compute(block_bytes=block_bytes,
+                                                                                 check_finite=check_finite),
+                              on_bytes)
+    finally:
+        for a in adapters:
+            a.close()
+    progress_actor.add.remote(pending)  # type: ignore[attr-defined]
+    entry = {"size": res.size, "sha256": res.sha256, "patched": res.patched, "copied": res.copied}
+    Journal(fingerprint="", inputs={}, options={}, tool_version="").record(Path(out), file, entry)
+    return res
+
+
+def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, done: dict[str, ShardResult],
+                 todo: Sequence[str], compute: object, progress: bool | Callable[[int, str], None],
+                 address: str | None) -> list[ShardResult]:
+    """Merge `todo` as one Ray task each (retried on failure); returns results in plan order."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'stream-merge[ray]'", key="ray") from None
+    if compute.device.type != "cpu":  # type: ignore[attr-defined]
+        gpus = 1
+    else:
+        gpus = 0
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
+    bar = None
+    try:
+        @ray.remote
+        class Progress:
+            def __init__(self) -> None:
+                self.n = 0
+
+            def add(self, n: int) -> None:
+                self.n += n
+
+            def take(self) -> int:
+                n, self.n = self.n, 0
+                return n
+
+        actor = Progress.remote()
+        if progress is True:
+            from tqdm import tqdm
+
+            total = sum(s.out_data_bytes for s in plan.shards if s.file in set(todo))
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+        plan_ref = ray.put(plan)
+        block = compute.block_bytes  # type: ignore[attr-defined]
+        mem = 3 * compute.buffer_bytes + 512 * 1024 * 1024  # type: ignore[attr-defined]
+        task = ray.remote(_merge_task).options(num_cpus=1, num_gpus=gpus, memory=mem, max_retries=3,
+                                               retry_exceptions=True)
+        pending = {task.remote(plan_ref, str(base_dir), str(out), f, block,
+                               compute.check_finite, actor): f for f in todo}  # type: ignore[attr-defined]
+        results: dict[str, ShardResult] = dict(done)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            n = ray.get(actor.take.remote())
+            if bar is not None:
+                bar.update(n)
+            elif callable(progress) and n:
+                progress(n, "ray")
+            for ref in ready:
+                file = pending.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.as_instanceof_cause()
+                    if isinstance(cause, StreamMergeError):
+                        raise cause from None
+                    raise
+                results[file] = res
+                journal.shards[file] = {"size": res.size, "sha256": res.sha256, "patched": res.patched,
+                                        "copied": res.copied}
+        return [results[s.file] for s in plan.shards if s.file in results]
+    except KeyboardInterrupt:
+        raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
+                               fix="re-run the same command to resume") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if started:
+            ray.shutdown()
+
