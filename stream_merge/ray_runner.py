@@ -77,7 +77,9 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
-    bar = None
+    from .runner import progress_callback
+
+    report, bar = progress_callback(plan, set(todo), progress)
     try:
         @ray.remote
         class Progress:
@@ -92,11 +94,6 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
                 return n
 
         actor = Progress.remote()
-        if progress is True:
-            from tqdm import tqdm
-
-            total = sum(s.out_data_bytes for s in plan.shards if s.file in set(todo))
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
         plan_ref = ray.put(plan)
         block = compute.block_bytes  # type: ignore[attr-defined]
         mem = 3 * compute.buffer_bytes + 512 * 1024 * 1024  # type: ignore[attr-defined]
@@ -108,10 +105,8 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             n = ray.get(actor.take.remote())
-            if bar is not None:
-                bar.update(n)
-            elif callable(progress) and n:
-                progress(n, "ray")
+            if n:
+                report(n, f"{len(pending)} shards in flight")
             for ref in ready:
                 file = pending.pop(ref)
                 try:

@@ -315,7 +315,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
             else:
                 results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch,
                                         pusher, todo)
-            pending = _pending(out, plan, journal)
+            pending = _pending(out, plan, journal, cfg.local_copy)
             if not pending:
                 side = _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], cfg.base, inputs, options,
                                  findings, journal)
@@ -341,12 +341,13 @@ def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:
     return set(split([(s.file, s.in_bytes) for s in plan.shards], n)[i])
 
 
-def _pending(out: Path, plan: MergePlan, journal: Journal) -> list[str]:
-    """Shards not finished yet by any worker (records re-read: other workers share OUT)."""
+def _pending(out: Path, plan: MergePlan, journal: Journal, local_copy: bool = True) -> list[str]:
+    """Shards not finished yet by any worker (records re-read: other workers share OUT). With
+    --no-local-copy a finished shard may already be uploaded and deleted."""
     journal.reload(out)
     return [s.file for s in plan.shards
-            if s.file not in journal.shards or not (out / s.file).exists()
-            or (out / s.file).stat().st_size != journal.shards[s.file]["size"]]
+            if s.file not in journal.shards or (local_copy and (
+                not (out / s.file).exists() or (out / s.file).stat().st_size != journal.shards[s.file]["size"]))]
 
 
 def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequence[str], base_label: str,
@@ -408,21 +409,26 @@ def finalize(output: str | Path) -> MergeReport:
                        resumed_shards=len(plan.shards))
 
 
+def progress_callback(plan: MergePlan, wanted: set[str], progress: bool | Progress) -> tuple[Progress, Any]:
+    """(callback(bytes, shard), tqdm bar or None): a bar over the bytes to write, a user callback, or nothing."""
+    if progress is True:
+        from tqdm import tqdm
+
+        total = sum(s.out_data_bytes for s in plan.shards if s.file in wanted)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+        return (lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))), bar
+    if not progress:
+        return (lambda n, f: None), None
+    return progress, None
+
+
 def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
                   compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None,
                   todo_files: Sequence[str] | None = None) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     results: list[ShardResult] = []
-    bar = None
-    if progress is True:
-        from tqdm import tqdm
-
-        wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
-        total = sum(s.out_data_bytes for s in plan.shards if s.file in wanted)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
-        progress = lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))  # noqa: E731
-    elif not progress:
-        progress = lambda n, f: None  # noqa: E731
+    wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
+    progress, bar = progress_callback(plan, wanted, progress)
     old_threads = torch.get_num_threads()
     # The writer thread hashes and writes on one core; cache-sized tiles gain nothing from more intra-op
     # threads, and OpenMP's spinning threads collapse under contention (measured: 77 s -> 19 s for 4.5 GB
