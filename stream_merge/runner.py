@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,9 @@ from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journa
 from .partition import parse_worker, split
 from .plan import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
-from .safetensors_io import TMP_PREFIX, ShardReader, fsync_dir, write_file_atomic
+from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
-from .worker import Compute, merge_shard
+from .worker import Compute, publish, write_shard
 
 log = logging.getLogger("stream_merge")
 LOCK_NAME = ".stream-merge.lock"
@@ -437,6 +438,17 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
     old_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     # TF32 would change the bits (PEFT_SEMANTICS §0): off for matmuls and for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    committer = ThreadPoolExecutor(1, thread_name_prefix="stream-merge-commit")
+    flushing: Future[None] | None = None
+
+    def commit(written: AtomicFile, res: ShardResult) -> None:
+        publish(written)
+        journal.record(out, res.file, {"size": res.size, "sha256": res.sha256, "patched": res.patched,
+                                       "copied": res.copied})
+        base.release(res.file)
+        if pusher is not None:
+            pusher.submit(res.file, res.sha256)
+
     try:
         wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
         todo = [s for s in plan.shards if s.file in wanted]
@@ -451,18 +463,21 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
             for ahead in todo[pos:pos + 1 + prefetch]:  # this shard first, then up to `prefetch` more
                 base.prefetch(ahead.file)
             with ShardReader(base.shard_path(shard.file), header) as reader:
-                res = merge_shard(shard, reader, adapters, out / shard.file, compute,
-                                  lambda n, f=shard.file: progress(n, f))
-            journal.record(out, shard.file, {"size": res.size, "sha256": res.sha256, "patched": res.patched,
-                                             "copied": res.copied})
-            base.release(shard.file)
-            if pusher is not None:
-                pusher.submit(shard.file, res.sha256)
+                written, res = write_shard(shard, reader, adapters, out / shard.file, compute,
+                                           lambda n, f=shard.file: progress(n, f))
+            if flushing is not None:
+                flushing.result()
+            # fsync + rename + journal on the committer thread, overlapping the next shard's merge: the
+            # disk flushes one shard while the CPU merges the next (at most one shard waits for its flush)
+            flushing = committer.submit(commit, written, res)
             results.append(res)
+        if flushing is not None:
+            flushing.result()
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
                                fix="re-run the same command to resume") from None
     finally:
+        committer.shutdown(wait=True)  # a complete shard that is being flushed is still published
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
         torch.set_num_threads(old_threads)
         for a in adapters:

@@ -254,18 +254,40 @@ class _Writer:
             raise self.error
 
 
-def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
-                compute: Compute, on_bytes: Callable[[int], None] = lambda n: None) -> ShardResult:
-    """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
+def write_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
+                compute: Compute, on_bytes: Callable[[int], None] = lambda n: None) -> tuple[AtomicFile, ShardResult]:
+    """Write the merged shard to a temp file beside `out_path`; it is published (fsync, rename) by
+    `commit()` on the returned AtomicFile, which the runner does on another thread while the next shard is
+    merged. The result's size and sha256 are already final."""
     t0 = time.perf_counter()
-    with AtomicFile(out_path) as out:
+    out = AtomicFile(out_path)
+    try:
         writer = _Writer(out, compute.buffer_bytes, on_bytes)
         try:
             for _, buf, n in shard_chunks(shard, reader, adapters, compute, writer.get_buffer):
                 writer.submit(buf, n)
         finally:
             writer.finish()
-        size, sha = out.commit()
+    except BaseException:
+        out.abort()
+        raise
     touched = len(shard.touched)
-    return ShardResult(file=shard.file, size=size, sha256=sha, patched=touched,
-                       copied=len(shard.tensors) - touched, seconds=time.perf_counter() - t0)
+    return out, ShardResult(file=shard.file, size=out.size, sha256=out.hash.hexdigest(), patched=touched,
+                            copied=len(shard.tensors) - touched, seconds=time.perf_counter() - t0)
+
+
+def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
+                compute: Compute, on_bytes: Callable[[int], None] = lambda n: None) -> ShardResult:
+    """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
+    out, result = write_shard(shard, reader, adapters, out_path, compute, on_bytes)
+    publish(out)
+    return result
+
+
+def publish(out: AtomicFile) -> None:
+    """Make a written shard durable and visible (fsync, rename, fsync the folder); on failure remove it."""
+    try:
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
