@@ -470,6 +470,11 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
             # fsync + rename + journal on the committer thread, overlapping the next shard's merge: the
             # disk flushes one shard while the CPU merges the next (at most one shard waits for its flush)
             flushing = committer.submit(commit, written, res)
+            if base.kind != "local":
+                # a downloaded input shard is deleted only once its output is committed: no overlap, so the
+                # disk holds at most prefetch + 1 base shards
+                flushing.result()
+                flushing = None
             results.append(res)
         if flushing is not None:
             flushing.result()
