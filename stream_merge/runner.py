@@ -353,7 +353,9 @@ def _pending(out: Path, plan: MergePlan, journal: Journal, local_copy: bool = Tr
 
 def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequence[str], base_label: str,
               inputs: dict[str, Any], options: dict[str, Any], findings: Sequence[str], journal: Journal) -> list[str]:
-    """Every shard is on disk: write the side files, the model card, the record and, last, the index."""
+    """Every shard is on disk: write the side files, the model card, the record and, last, the index. An
+    existing index goes first, so that a run killed while rewriting these files never looks complete."""
+    (out / INDEX_NAME).unlink(missing_ok=True)
     results = [_journal_result(journal, s.file) for s in plan.shards]
     side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
     write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels))

@@ -16,6 +16,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -258,6 +259,9 @@ class AtomicFile:
         self.tmp = final.parent / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self.hash = hashlib.sha256()
         self.size = 0
+        self._f: Any = None  # created by __enter__ or the first write, so an interrupt cannot strand it
+
+    def _open(self) -> None:
         try:
             self._f = open(self.tmp, "xb", buffering=0)
         except OSError as exc:
@@ -268,6 +272,8 @@ class AtomicFile:
             raise
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._f is None:
+            self._open()
         mv = memoryview(data).cast("B")
         self.hash.update(mv)
         self.size += mv.nbytes
@@ -286,6 +292,8 @@ class AtomicFile:
                            fix=hint.get(exc.errno or 0, "check the output disk, then re-run to resume"))
 
     def commit(self) -> tuple[int, str]:
+        if self._f is None:
+            self._open()
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
@@ -297,7 +305,7 @@ class AtomicFile:
         return self.size, self.hash.hexdigest()
 
     def abort(self) -> None:
-        if not self._f.closed:
+        if self._f is not None and not self._f.closed:
             self._f.close()
         try:
             self.tmp.unlink()
@@ -305,6 +313,8 @@ class AtomicFile:
             pass
 
     def __enter__(self) -> "AtomicFile":
+        if self._f is None:
+            self._open()
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
