@@ -71,10 +71,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _file_digest(path: Path) -> str:
-    return file_sha256(path)
-
-
 def _inputs_record(base: Source, adapters: Sequence[Source], plan: MergePlan) -> dict[str, Any]:
     """What identifies the inputs: shard sizes and header digests, adapter file digests, revisions."""
     return {
@@ -83,8 +79,8 @@ def _inputs_record(base: Source, adapters: Sequence[Source], plan: MergePlan) ->
                      repr([(t.name, t.dtype, t.shape, t.start, t.end) for t in s.tensors]).encode()).hexdigest()}
                      for s in plan.base.shards}},
         "adapters": [{"spec": src.spec, "path": spec.path, "revision": src.revision, "weight": spec.weight,
-                      "config_sha256": _file_digest(Path(spec.config_file)),
-                      "weights_sha256": _file_digest(Path(spec.weights_file)),
+                      "config_sha256": file_sha256(Path(spec.config_file)),
+                      "weights_sha256": file_sha256(Path(spec.weights_file)),
                       "base_model_name_or_path": spec.raw_config.get("base_model_name_or_path"),
                       "adapter_revision": spec.raw_config.get("revision")}
                      for src, spec in zip(adapters, plan.adapters)],

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .adapter import AdapterReader
 from .checkpoint import INDEX_NAME
-from .config import build_config
 from .errors import StreamMergeError, VerificationError
 from .extras import RECORD_NAME
 from .journal import file_sha256
@@ -57,14 +56,9 @@ def _tensor_at(header: ShardHeader, offset: int) -> str:
 
 
 def _rebuild_plan(record: dict) -> MergePlan:
-    from .runner import plan_merge
+    from .runner import config_from_journal, plan_merge
 
-    inputs, opts = record["inputs"], record.get("options", {})
-    cfg = build_config(base=inputs["base"]["path"], adapters=[a["path"] for a in inputs["adapters"]],
-                       weights=[a["weight"] for a in inputs["adapters"]], key_map=opts.get("key_map") or None,
-                       allow_pickle=opts.get("allow_pickle", False), untie=opts.get("untie", False),
-                       dequantize=opts.get("dequantize", False))
-    return plan_merge(cfg)[0]
+    return plan_merge(config_from_journal(record["inputs"], record.get("options", {})))[0]
 
 
 def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, report: VerifyReport) -> None:
