@@ -13,7 +13,7 @@ def merge(base: str, adapter: "str | list[str] | tuple[str, ...]", output: "str 
     """Merge one or more PEFT LoRA adapters into BASE and write the result to OUTPUT.
 
     base/adapter: local folders or Hub repo ids (`org/name[@revision]`). options: the CLI flags with underscores (device, weights, dry_run, fresh,
-    strict, allow_pickle, key_map, block_size_mb, check_finite, copy_extras). `config` is a YAML file with
+    strict, allow_pickle, key_map, block_size_mb, check_finite, checksums, copy_extras). `config` is a YAML file with
     the same keys; explicit arguments win. Returns a MergeReport; raises StreamMergeError subclasses on
     bad input.
     """

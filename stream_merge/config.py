@@ -36,6 +36,7 @@ class MergeConfig:
     key_map: tuple[tuple[str, str], ...] = ()
     block_size_mb: int = 2
     check_finite: bool = True
+    checksums: bool = False          # sha256 of every output shard in the record (always on with push_to_hub)
     copy_extras: bool = True
     token: str | None = field(default=None, repr=False)  # Hub token (default: HF_TOKEN or the saved login)
     prefetch: int = 1                # Hub base: shards downloaded ahead of the one being merged

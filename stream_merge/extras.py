@@ -76,7 +76,7 @@ def model_card(plan: MergePlan, base_label: str, adapter_labels: Sequence[str]) 
     body = (f"# Merged model\n\nThis checkpoint is `{base_label}` with these LoRA adapters merged into its weights "
             f"(W' = W + scale·B·A) by stream-merge:\n\n{adapters}\n\n"
             f"{plan.patched_tensors} tensors were changed and {plan.copied_tensors} copied unchanged. "
-            f"See `{RECORD_NAME}` for the exact inputs, options and per-shard sha256.\n")
+            f"See `{RECORD_NAME}` for the exact inputs, options and output shards.\n")
     return (front + body).encode()
 
 

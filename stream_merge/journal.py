@@ -1,5 +1,5 @@
 """The resume journal: `stream_merge.journal.json` in OUT holds a fingerprint of the inputs and options, and
-`.stream-merge-journal/` one small record (size, sha256) per finished shard. Each file is written
+`.stream-merge-journal/` one small record (size, mtime, sha256 when checksums are on) per finished shard. Each file is written
 atomically by the process that finished that shard, so after any crash the journal lists exactly the shards
 that are safely on disk, and workers of a partitioned merge (`--worker I/N`, Ray tasks) can share one OUT on
 a shared file system without a global lock.
@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .errors import OutputError
+from .records import ShardResult
 from .safetensors_io import write_file_atomic
 
 JOURNAL_NAME = "stream_merge.journal.json"
@@ -43,6 +44,10 @@ class Journal:
         write_file_atomic(folder / (quote(file, safe="") + ".json"), json.dumps(entry, sort_keys=True).encode())
         self.shards[file] = entry
 
+    def record_shard(self, out_dir: Path, res: ShardResult) -> None:
+        """Record a published shard: its size and mtime say on resume that it is still the file we wrote."""
+        self.record(out_dir, res.file, shard_entry(out_dir, res))
+
     def forget(self, out_dir: Path, file: str) -> None:
         (out_dir / SHARDS_DIR / (quote(file, safe="") + ".json")).unlink(missing_ok=True)
         self.shards.pop(file, None)
@@ -52,6 +57,12 @@ class Journal:
         self.shards = _read_records(out_dir)
 
 
+def shard_entry(out_dir: Path, res: ShardResult) -> dict[str, Any]:
+    st = (out_dir / res.file).stat()
+    return {"size": res.size, "mtime_ns": st.st_mtime_ns, "sha256": res.sha256, "patched": res.patched,
+            "copied": res.copied}
+
+
 def _read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
     records: dict[str, dict[str, Any]] = {}
     folder = out_dir / SHARDS_DIR
@@ -59,7 +70,7 @@ def _read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
         for p in folder.glob("*.json"):
             try:
                 entry = json.loads(p.read_text(encoding="utf-8"))
-                if all(k in entry for k in ("size", "sha256", "patched", "copied")):
+                if all(k in entry for k in ("size", "patched", "copied")):
                     records[unquote(p.name[: -len(".json")])] = entry
             except (ValueError, UnicodeDecodeError):
                 continue  # a torn record cannot exist (atomic writes); an unreadable one means "redo the shard"

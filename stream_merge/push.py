@@ -66,8 +66,8 @@ class Pusher:
         p._delete_index = INDEX_NAME in p.remote
         return p
 
-    def pushed(self, file: str, sha256: str) -> bool:
-        return self.remote.get(file, (None, None))[0] == sha256
+    def pushed(self, file: str, sha256: str | None) -> bool:
+        return sha256 is not None and self.remote.get(file, (None, None))[0] == sha256
 
     # ------------------------------------------------------------------ shards
     def submit(self, file: str, sha256: str) -> None:

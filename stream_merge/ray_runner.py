@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError, MergeInterrupted, StreamMergeError
-from .journal import Journal
+from .journal import Journal, shard_entry
 from .records import MergePlan, ShardResult
 
 FAIL_ONCE_ENV = "STREAM_MERGE_TEST_FAIL_ONCE"  # testing hook: "<shard file>:<marker path>"
@@ -19,12 +19,11 @@ PROGRESS_EVERY = 32 * 1024 * 1024
 
 
 def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, block_bytes: int, check_finite: bool,
-                progress_actor: object) -> ShardResult:
+                checksum: bool, progress_actor: object) -> ShardResult:
     """One shard, inside a Ray worker process."""
     import torch
 
     from .adapter import AdapterReader
-    from .runner import compute_threads
     from .safetensors_io import ShardReader
     from .worker import Compute, merge_shard
 
@@ -34,7 +33,7 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, block_bytes
         if not marker.exists():
             marker.write_text("failed once")
             raise RuntimeError(f"injected failure for {file} ({FAIL_ONCE_ENV})")
-    torch.set_num_threads(compute_threads())
+    torch.set_num_threads(1)  # one task per CPU (num_cpus=1)
     shard = next(s for s in plan.shards if s.file == file)
     header = next(h for h in plan.base.shards if h.file == file)
     adapters = [AdapterReader(spec) for spec in plan.adapters]
@@ -49,21 +48,19 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, block_bytes
 
     try:
         with ShardReader(Path(base_dir) / file, header) as reader:
-            res = merge_shard(shard, reader, adapters, Path(out) / file, Compute(block_bytes=block_bytes,
-                                                                                 check_finite=check_finite),
-                              on_bytes)
+            res = merge_shard(shard, reader, adapters, Path(out) / file,
+                              Compute(block_bytes=block_bytes, check_finite=check_finite), on_bytes, checksum)
     finally:
         for a in adapters:
             a.close()
     progress_actor.add.remote(pending)  # type: ignore[attr-defined]
-    entry = {"size": res.size, "sha256": res.sha256, "patched": res.patched, "copied": res.copied}
-    Journal(fingerprint="", inputs={}, options={}, tool_version="").record(Path(out), file, entry)
+    Journal(fingerprint="", inputs={}, options={}, tool_version="").record_shard(Path(out), res)
     return res
 
 
 def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, done: dict[str, ShardResult],
                  todo: Sequence[str], compute: object, progress: bool | Callable[[int, str], None],
-                 address: str | None) -> list[ShardResult]:
+                 address: str | None, checksum: bool = False) -> list[ShardResult]:
     """Merge `todo` as one Ray task each (retried on failure); returns results in plan order."""
     try:
         import ray
@@ -100,7 +97,7 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
         task = ray.remote(_merge_task).options(num_cpus=1, num_gpus=gpus, memory=mem, max_retries=3,
                                                retry_exceptions=True)
         pending = {task.remote(plan_ref, str(base_dir), str(out), f, block,
-                               compute.check_finite, actor): f for f in todo}  # type: ignore[attr-defined]
+                               compute.check_finite, checksum, actor): f for f in todo}  # type: ignore[attr-defined]
         results: dict[str, ShardResult] = dict(done)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
@@ -117,8 +114,7 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
                         raise cause from None
                     raise
                 results[file] = res
-                journal.shards[file] = {"size": res.size, "sha256": res.sha256, "patched": res.patched,
-                                        "copied": res.copied}
+                journal.shards[file] = shard_entry(out, res)
         return [results[s.file] for s in plan.shards if s.file in results]
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),

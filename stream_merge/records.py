@@ -301,7 +301,7 @@ class MergePlan:
 class ShardResult:
     file: str
     size: int
-    sha256: str
+    sha256: str | None  # None unless checksums were on (--checksums, --push-to-hub)
     patched: int
     copied: int
     seconds: float

@@ -31,11 +31,11 @@ from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputErr
 from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
 from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
 from .partition import parse_worker, split
-from .plan import PlanOptions, build_plan
+from .planner import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
-from .worker import Compute, publish, write_shard
+from .worker import Compute, compute_threads, publish, write_shard
 
 log = logging.getLogger("stream_merge")
 LOCK_NAME = ".stream-merge.lock"
@@ -45,15 +45,6 @@ Progress = Callable[[int, str], None]
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def compute_threads() -> int:
-    """torch intra-op threads during a CPU merge: the usable cores minus one for the writer, at most 4."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores - 1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,18 +163,30 @@ def _moved_revisions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str
 
 def _journal_result(journal: Journal, file: str) -> ShardResult:
     entry = journal.shards[file]
-    return ShardResult(file=file, size=entry["size"], sha256=entry["sha256"], patched=entry["patched"],
+    return ShardResult(file=file, size=entry["size"], sha256=entry.get("sha256"), patched=entry["patched"],
                        copied=entry["copied"], seconds=0.0)
 
 
 def _shard_done(out: Path, journal: Journal, file: str) -> ShardResult | None:
+    """A shard an earlier run finished: still the file it published (same size and mtime), or, when the
+    folder was copied since, the same size and sha256 as recorded."""
     entry = journal.shards.get(file)
     path = out / file
-    if not entry or not path.exists() or path.stat().st_size != entry["size"]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return None
-    if file_sha256(path) != entry["sha256"]:
+    if not entry or st.st_size != entry["size"]:
+        return None
+    if entry.get("mtime_ns") != st.st_mtime_ns and (not entry.get("sha256") or file_sha256(path) != entry["sha256"]):
         return None
     return _journal_result(journal, file)
+
+
+def _add_checksum(out: Path, journal: Journal, res: ShardResult) -> ShardResult:
+    res = dataclasses.replace(res, sha256=file_sha256(out / res.file))
+    journal.record_shard(out, res)
+    return res
 
 
 def _existing(path: Path) -> Path:
@@ -284,8 +287,10 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                 if s.file not in mine:
                     continue
                 r = _shard_done(out, journal, s.file)
+                if r is not None and r.sha256 is None and pusher is not None:
+                    r = _add_checksum(out, journal, r)  # merged by an earlier run without --push-to-hub
                 if r is None and pusher is not None and not cfg.local_copy and s.file in journal.shards \
-                        and pusher.pushed(s.file, journal.shards[s.file]["sha256"]):
+                        and pusher.pushed(s.file, journal.shards[s.file].get("sha256")):
                     r = _journal_result(journal, s.file)  # pushed, and its local copy deleted as asked
                 if r is not None:
                     done[s.file] = r
@@ -300,7 +305,8 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                 for r in done.values():  # finished by an earlier run, maybe not pushed yet
                     pusher.submit(r.file, r.sha256)
             compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024,
-                              check_finite=cfg.check_finite)
+                              check_finite=cfg.check_finite, threads=compute_threads(device))
+            checksum = cfg.checksums or pusher is not None
             if cfg.ray is not None:
                 from .ray_runner import merge_on_ray
 
@@ -308,10 +314,10 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                     raise ConfigError("--ray needs BASE on a file system every Ray node can read",
                                       key="ray", fix="download the base first, or run without --ray")
                 results = merge_on_ray(plan, base_src.folder(), out, journal, done, todo, compute, progress,
-                                       None if cfg.ray == "local" else cfg.ray)
+                                       None if cfg.ray == "local" else cfg.ray, checksum)
             else:
                 results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch,
-                                        pusher, todo)
+                                        pusher, todo, checksum)
             pending = _pending(out, plan, journal, cfg.local_copy)
             if not pending:
                 side = _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], cfg.base, inputs, options,
@@ -423,16 +429,16 @@ def progress_callback(plan: MergePlan, wanted: set[str], progress: bool | Progre
 
 def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
                   compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None,
-                  todo_files: Sequence[str] | None = None) -> list[ShardResult]:
+                  todo_files: Sequence[str] | None = None, checksum: bool = False) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     results: list[ShardResult] = []
     wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
     progress, bar = progress_callback(plan, wanted, progress)
     old_threads = torch.get_num_threads()
-    # The writer thread hashes and writes on one core; cache-sized tiles gain nothing from more intra-op
-    # threads, and OpenMP's spinning threads collapse under contention (measured: 77 s -> 19 s for 4.5 GB
-    # on 2 busy cores). Leave one core to the writer.
-    torch.set_num_threads(compute_threads())
+    # Row blocks run on `compute.threads` threads of their own, one torch thread each: cache-sized tiles
+    # gain nothing from intra-op threads, and OpenMP's spinning threads collapse under contention with the
+    # writer (measured: 77 s -> 19 s for 4.5 GB on 2 busy cores).
+    torch.set_num_threads(1)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     # TF32 would change the bits (PEFT_SEMANTICS §0): off for matmuls and for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -441,8 +447,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
 
     def commit(written: AtomicFile, res: ShardResult) -> None:
         publish(written)
-        journal.record(out, res.file, {"size": res.size, "sha256": res.sha256, "patched": res.patched,
-                                       "copied": res.copied})
+        journal.record_shard(out, res)
         base.release(res.file)
         if pusher is not None:
             pusher.submit(res.file, res.sha256)
@@ -462,7 +467,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                 base.prefetch(ahead.file)
             with ShardReader(base.shard_path(shard.file), header) as reader:
                 written, res = write_shard(shard, reader, adapters, out / shard.file, compute,
-                                           lambda n, f=shard.file: progress(n, f))
+                                           lambda n, f=shard.file: progress(n, f), checksum)
             if flushing is not None:
                 flushing.result()
             # fsync + rename + journal on the committer thread, overlapping the next shard's merge: the

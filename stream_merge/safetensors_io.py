@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .direct_io import FileSink
 from .errors import CheckpointFormatError, OutputError
 from .records import DTYPE_SIZES, ShardHeader, TensorInfo, numel
 
@@ -250,20 +251,21 @@ def fsync_dir(path: Path) -> None:
 class AtomicFile:
     """Write a file through a temp file in the same folder; `commit` fsyncs and renames it into place.
 
-    The sha256 and size of everything written are tracked, so the journal never re-reads output.
-    Leaving the context without commit removes the temp file.
+    The size (and with `digest`, the sha256) of everything written is tracked, so nothing re-reads the
+    output. Leaving the context without commit removes the temp file.
     """
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, digest: bool = True, direct: bool = False) -> None:
         self.final = final
+        self.direct = direct  # O_DIRECT for big files written once (see direct_io)
         self.tmp = final.parent / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if digest else None
         self.size = 0
         self._f: Any = None  # created by __enter__ or the first write, so an interrupt cannot strand it
 
     def _open(self) -> None:
         try:
-            self._f = open(self.tmp, "xb", buffering=0)
+            self._f = FileSink(self.tmp, direct=self.direct)
         except OSError as exc:
             raise OutputError(f"cannot create a file in the output folder ({exc.strerror})",
                               file=str(self.tmp)) from None
@@ -275,12 +277,11 @@ class AtomicFile:
         if self._f is None:
             self._open()
         mv = memoryview(data).cast("B")
-        self.hash.update(mv)
+        if self.hash is not None:
+            self.hash.update(mv)
         self.size += mv.nbytes
         try:
-            while mv:
-                n = self._f.write(mv)
-                mv = mv[n:]
+            self._f.write(mv)
         except OSError as exc:
             raise self._write_error(exc) from None
 
@@ -291,26 +292,31 @@ class AtomicFile:
         return OutputError(f"cannot write the output file ({exc.strerror or exc})", file=str(self.final),
                            fix=hint.get(exc.errno or 0, "check the output disk, then re-run to resume"))
 
-    def commit(self) -> tuple[int, str]:
+    def hexdigest(self) -> str | None:
+        return self.hash.hexdigest() if self.hash is not None else None
+
+    def commit(self) -> tuple[int, str | None]:
         if self._f is None:
             self._open()
         try:
-            self._f.flush()
+            self._f.finish()
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.tmp, self.final)
             fsync_dir(self.final.parent)
         except OSError as exc:
             raise self._write_error(exc) from None
-        return self.size, self.hash.hexdigest()
+        return self.size, self.hexdigest()
 
     def abort(self) -> None:
-        if self._f is not None and not self._f.closed:
-            self._f.close()
         try:
-            self.tmp.unlink()
-        except FileNotFoundError:
-            pass
+            if self._f is not None:
+                self._f.close()
+        finally:
+            try:
+                self.tmp.unlink()
+            except FileNotFoundError:
+                pass
 
     def __enter__(self) -> "AtomicFile":
         if self._f is None:
@@ -326,4 +332,6 @@ def write_file_atomic(path: Path, data: bytes) -> str:
     """Publish a small file atomically; returns its sha256."""
     with AtomicFile(path) as f:
         f.write(data)
-        return f.commit()[1]
+        digest = f.commit()[1]
+        assert digest is not None
+        return digest

@@ -14,7 +14,7 @@ from stream_merge.checkpoint import read_index
 from stream_merge.errors import UnsupportedAdapterError
 from stream_merge.keymap import (TargetResolver, compile_patterns, is_conv1d_module, parse_key, pattern_value,
                                  peft_targets)
-from stream_merge.plan import build_plan
+from stream_merge.planner import build_plan
 
 P = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -158,3 +158,14 @@ def test_tied_embeddings_are_refused(tmp_path: Path) -> None:
     rewrite_adapter(adapter, add_head)
     plan = _plan(base, adapter)
     assert len(plan.problems) == 1 and "tie_word_embeddings" in plan.problems[0]
+
+
+def test_api_plan_stays_callable_after_the_planner_is_imported(pair: tuple[Path, Path]) -> None:
+    """`stream_merge.plan` is a function; a submodule of the same name used to replace it on first import."""
+    import stream_merge
+
+    base, adapter = pair
+    first = stream_merge.plan(str(base), str(adapter))
+    import stream_merge.planner  # noqa: F401
+
+    assert stream_merge.plan(str(base), str(adapter)).fingerprint() == first.fingerprint()

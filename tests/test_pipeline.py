@@ -1,0 +1,238 @@
+"""The shard pipeline: parallel row-block jobs, the O_DIRECT sink and its fallbacks, checksums and resume."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import stream_merge
+from conftest import make_pair, run_cli
+from stream_merge import direct_io
+from stream_merge.adapter import AdapterReader
+from stream_merge.direct_io import ALIGN, FileSink
+from stream_merge.journal import SHARDS_DIR
+from stream_merge.safetensors_io import ShardReader
+from stream_merge.synthetic import LlamaShape
+from stream_merge.worker import Compute, merge_shard
+
+WIDE = LlamaShape(hidden=256, intermediate=320, layers=2, vocab=384, heads=4, kv_heads=2)
+
+
+def _chunks(seed: int, staging: int) -> list[bytes | bytearray]:
+    rng = random.Random(seed)
+    sizes = [0, 1, 7, ALIGN - 1, ALIGN, ALIGN + 1, staging - 1, staging, staging + 3, 3 * staging + 5, 100_000]
+    out: list[bytes | bytearray] = []
+    for _ in range(rng.randint(1, 25)):
+        data = rng.randbytes(rng.choice(sizes))
+        out.append(bytearray(data) if rng.random() < 0.5 else data)  # writable (memmove) and read-only sources
+    return out
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("staging", [ALIGN, 3 * ALIGN, 1 << 20])
+def test_file_sink_writes_exactly_the_bytes_given(tmp_path: Path, direct: bool, staging: int) -> None:
+    for seed in range(6):
+        path = tmp_path / f"f{seed}"
+        chunks = _chunks(seed, staging)
+        sink = FileSink(path, direct=direct, staging_bytes=staging)
+        for c in chunks:
+            sink.write(c)
+        sink.finish()
+        sink.close()
+        want = b"".join(chunks)
+        assert path.stat().st_size == len(want)  # nothing written past the end, no padding left
+        assert path.read_bytes() == want
+
+
+def test_file_sink_falls_back_when_open_refuses_o_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def no_direct(path, flags, *args):  # type: ignore[no-untyped-def]
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_io.os, "open", no_direct)
+    chunks = _chunks(1, ALIGN)
+    sink = FileSink(tmp_path / "f", staging_bytes=ALIGN)
+    assert not sink.direct
+    for c in chunks:
+        sink.write(c)
+    sink.finish()
+    sink.close()
+    assert (tmp_path / "f").read_bytes() == b"".join(chunks)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("total", [ALIGN // 2, 3 * ALIGN + 17, 40 * ALIGN + 1])
+def test_file_sink_falls_back_when_the_first_write_refuses_o_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    total: int) -> None:
+    real_pwrite = os.pwrite
+    refused = []
+
+    def refuse_once(fd: int, data, pos: int) -> int:  # type: ignore[no-untyped-def]
+        if not refused and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(pos)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", refuse_once)
+    data = random.Random(total).randbytes(total)
+    sink = FileSink(tmp_path / "f", staging_bytes=4 * ALIGN)
+    for i in range(0, total, 5000):
+        sink.write(bytearray(data[i:i + 5000]))
+    sink.finish()
+    sink.close()
+    assert refused == ([0] if total >= ALIGN else [])  # the part below one block never goes direct
+    assert not sink.direct
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_later_write_error_is_raised_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
+
+    def full_after_first(fd: int, data, pos: int) -> int:  # type: ignore[no-untyped-def]
+        if pos > 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", full_after_first)
+    sink = FileSink(tmp_path / "f", staging_bytes=ALIGN)
+    if not sink.direct:
+        pytest.skip("this file system does not do O_DIRECT")
+    with pytest.raises(OSError) as exc:
+        for _ in range(8):
+            sink.write(bytearray(ALIGN))
+        sink.finish()
+    assert exc.value.errno == errno.ENOSPC
+    sink.close()
+
+
+def _plan_and_readers(base: Path, adapter: Path):  # type: ignore[no-untyped-def]
+    plan = stream_merge.plan(str(base), str(adapter))
+    return plan, [AdapterReader(spec) for spec in plan.adapters]
+
+
+@pytest.mark.parametrize("kinds", ["linear", "embedding-and-head"])
+def test_parallel_small_blocks_give_the_bytes_of_a_plain_merge(tmp_path: Path, kinds: str) -> None:
+    """Many row blocks per tensor, run on 1 and 3 threads, direct and buffered: every output shard is
+    byte-identical to what the CLI writes with its defaults."""
+    base, adapter = make_pair(tmp_path, shape=WIDE, shard_bytes=600_000, r=8, alpha=16.0)
+    if kinds == "embedding-and-head":
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        cfg["target_modules"] = ["q_proj", "down_proj", "embed_tokens", "lm_head"]
+        (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+        from safetensors.torch import load_file, save_file
+
+        weights = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items()
+                   if any(m in k for m in ("q_proj", "down_proj"))}
+        g = torch.Generator().manual_seed(3)
+        prefix = "base_model.model."
+        weights[prefix + "model.embed_tokens.lora_embedding_A"] = torch.randn(8, WIDE.vocab, generator=g)
+        weights[prefix + "model.embed_tokens.lora_embedding_B"] = torch.randn(WIDE.hidden, 8, generator=g)
+        weights[prefix + "lm_head.lora_A.weight"] = torch.randn(8, WIDE.hidden, generator=g)
+        weights[prefix + "lm_head.lora_B.weight"] = torch.randn(WIDE.vocab, 8, generator=g)
+        save_file(weights, adapter / "adapter_model.safetensors")
+    ref = tmp_path / "ref"
+    r = run_cli("merge", base, adapter, "-o", ref, "--quiet")
+    assert r.returncode == 0, r.stderr
+    plan, adapters = _plan_and_readers(base, adapter)
+    blocks = 0
+    for threads in (1, 3):
+        for direct in (True, False):
+            out = tmp_path / f"t{threads}-{direct}"
+            out.mkdir()
+            compute = Compute(block_bytes=8 * 1024, copy_bytes=5000, threads=threads, direct_io=direct)
+            for shard in plan.shards:
+                header = next(h for h in plan.base.shards if h.file == shard.file)
+                with ShardReader(base / shard.file, header) as reader:
+                    res = merge_shard(shard, reader, adapters, out / shard.file, compute, checksum=True)
+                data = (out / shard.file).read_bytes()
+                assert data == (ref / shard.file).read_bytes(), (threads, direct, shard.file)
+                assert res.sha256 == hashlib.sha256(data).hexdigest() and res.size == len(data)
+                blocks = max(blocks, max((t.shape[0] * 4 * (t.shape[1] if len(t.shape) > 1 else 1)) // (8 * 1024)
+                                         for t in shard.touched) if shard.touched else 0)
+    assert blocks >= 8  # the small budget really split tensors into many blocks
+    for a in adapters:
+        a.close()
+
+
+def test_checksums_are_recorded_only_when_asked(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = pair
+    plain, summed = tmp_path / "plain", tmp_path / "summed"
+    assert run_cli("merge", base, adapter, "-o", plain, "--quiet").returncode == 0
+    assert run_cli("merge", base, adapter, "-o", summed, "--quiet", "--checksums").returncode == 0
+    rec_plain = json.loads((plain / "stream_merge.json").read_text())["shards"]
+    rec_summed = json.loads((summed / "stream_merge.json").read_text())["shards"]
+    assert all(e["sha256"] is None for e in rec_plain)
+    for e in rec_summed:
+        assert e["sha256"] == hashlib.sha256((summed / e["file"]).read_bytes()).hexdigest()
+        assert (plain / e["file"]).read_bytes() == (summed / e["file"]).read_bytes()
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_verify_without_checksums_recomputes_or_says_what_it_could_not_check(tmp_path: Path) -> None:
+    base, adapter = make_pair(tmp_path)
+    plain, summed = tmp_path / "plain", tmp_path / "summed"
+    assert run_cli("merge", base, adapter, "-o", plain, "--quiet").returncode == 0
+    assert run_cli("merge", base, adapter, "-o", summed, "--quiet", "--checksums").returncode == 0
+    ok = run_cli("verify", plain)
+    assert ok.returncode == 0 and "recomputed" in ok.stdout and "note:" not in ok.stdout
+    shard = sorted(plain.glob("*.safetensors"))[0]
+    _flip(shard)
+    _flip(summed / shard.name)
+    bad = run_cli("verify", plain)
+    assert bad.returncode == 1 and shard.name in bad.stderr and "differs from a fresh merge" in bad.stderr
+    # without the inputs: checksums still catch the flipped byte; without them, verify says what it skipped
+    shutil.rmtree(base)
+    bad = run_cli("verify", summed)
+    assert bad.returncode == 1 and shard.name in bad.stderr and "sha256" in bad.stderr
+    _flip(shard)
+    note = run_cli("verify", plain)
+    assert note.returncode == 0 and "note:" in note.stdout and "not checked" in note.stdout, note.stdout
+
+
+def test_resume_redoes_a_finished_shard_that_was_changed_since(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = pair
+    out = tmp_path / "out"
+    assert run_cli("merge", base, adapter, "-o", out, "--quiet").returncode == 0
+    ref = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    (out / "model.safetensors.index.json").unlink()  # "unfinished": the next run resumes
+    shards = sorted(ref)
+    _flip(out / shards[0])  # same size, new mtime: redone
+    os.utime(out / shards[1], ns=(0, 0))  # only the mtime changed: redone too (no checksum to prove otherwise)
+    r = run_cli("merge", base, adapter, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert f"({len(shards) - 2} resumed)" in r.stdout, r.stdout
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == ref
+
+
+def test_resume_of_a_copied_output_keeps_shards_whose_checksum_matches(pair: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    base, adapter = pair
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    assert run_cli("merge", base, adapter, "-o", out, "--quiet", "--checksums").returncode == 0
+    shutil.copytree(out, copy)  # new mtimes everywhere
+    (copy / "model.safetensors.index.json").unlink()
+    for p in copy.glob("*.safetensors"):
+        os.utime(p, ns=(1, 1))
+    r = run_cli("merge", base, adapter, "-o", copy, "--checksums")
+    n = len(list(out.glob("*.safetensors")))
+    assert r.returncode == 0 and f"({n} resumed)" in r.stdout, r.stdout
+    entries = [json.loads(p.read_text()) for p in (copy / SHARDS_DIR).glob("*.json")]
+    assert len(entries) == n and all(e["sha256"] for e in entries)
