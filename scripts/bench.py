@@ -6,6 +6,9 @@ about --size bytes and a rank --rank LoRA adapter on q/k/v/o/gate/up/down, then 
 
     cp -r BASE DEST && sync                                                   (the floor)
     stream-merge merge BASE ADAPTER -o DEST --device DEV --quiet && sync
+    ... the same with --checksums                                             (--checksums)
+    python -c 'import stream_merge.runner'                                    (--startup: Python + torch import,
+                                                                               the floor of any torch-based tool)
     python scripts/bench.py --peft-child BASE ADAPTER DEST && sync            (--peft: transformers + PEFT
                                                                                from_pretrained, merge_and_unload,
                                                                                save_pretrained; always on CPU)
@@ -17,7 +20,8 @@ by polling /proc/PID/status VmHWM of the process tree. Prints a table (median wa
 GB/s of base checkpoint) with the machine and the exact commands, and writes JSON with every run.
 
     python scripts/bench.py [--size 4.5GB] [--hidden 4096 --intermediate 11008 --vocab 32000] [--shard-size 2GB]
-                            [--rank 16] [--repeats 3] [--peft] [--device cpu|cuda] [--workdir DIR]
+                            [--rank 16] [--repeats 3] [--peft] [--checksums] [--startup] [--device cpu|cuda]
+                            [--workdir DIR]
                             [--json OUT.json] [--keep]
 
 Inputs are kept in WORKDIR with --keep (so the next run reuses them) and otherwise deleted at the end when this
@@ -370,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peft", action="store_true", help="also run the transformers+PEFT baseline (CPU)")
+    ap.add_argument("--checksums", action="store_true", help="also run stream-merge --checksums (sha256 of every byte)")
+    ap.add_argument("--startup", action="store_true",
+                    help="also run the fixed cost of any torch-based merge: start Python and import stream_merge.runner")
     ap.add_argument("--device", default="cpu", help="stream-merge --device (cpu, cuda, cuda:N, auto)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"default {DEFAULT_WORKDIR}")
     ap.add_argument("--json", type=Path, metavar="OUT.json", help="write every run and the summary here")
@@ -407,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         "stream-merge": " ".join(q(a) for a in stream_merge_cmd()) +
                         f" merge {q(str(base))} {q(str(adapter))} -o {{out}} --device {q(args.device)} --quiet && sync",
     }
+    if args.checksums:
+        commands["sm-checksums"] = commands["stream-merge"].replace(" --quiet", " --quiet --checksums")
+    if args.startup:
+        commands["startup"] = f"{q(sys.executable)} -c 'import stream_merge.runner' && mkdir {{out}}"
     if args.peft:
         commands["peft"] = (f"{q(sys.executable)} {q(str(SCRIPT))} --peft-child {q(str(base))} {q(str(adapter))} "
                             "{out} && sync")
@@ -441,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r["rc"] != 0:
                     failed = (name, r["rc"], tail(log))
                     break
-                if name != "cp" and not (dest / "model.safetensors.index.json").exists() and \
+                if name not in ("cp", "startup") and not (dest / "model.safetensors.index.json").exists() and \
                         not (dest / "model.safetensors").exists():
                     failed = (name, "no checkpoint in the output", tail(log))
                     break

@@ -32,11 +32,24 @@ class Journal:
     tool_version: str
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def _run_file(self) -> bytes:
+        return json.dumps({"version": JOURNAL_VERSION, "fingerprint": self.fingerprint, "inputs": self.inputs,
+                           "options": self.options, "tool_version": self.tool_version},
+                          indent=1, sort_keys=True).encode()
+
+    def saved(self, out_dir: Path) -> bool:
+        """Whether OUT's run file already holds exactly what `save` would write."""
+        try:
+            return (out_dir / JOURNAL_NAME).read_bytes() == self._run_file()
+        except OSError:
+            return False
+
     def save(self, out_dir: Path) -> None:
-        """Write the run file (fingerprint, inputs, options); shard records are written by `record`."""
-        write_file_atomic(out_dir / JOURNAL_NAME, json.dumps(
-            {"version": JOURNAL_VERSION, "fingerprint": self.fingerprint, "inputs": self.inputs,
-             "options": self.options, "tool_version": self.tool_version}, indent=1, sort_keys=True).encode())
+        """Write the run file (fingerprint, inputs, options) unless it already holds these bytes (a re-run
+        of a complete OUT writes nothing before its finalize removes the index); shard records are written
+        by `record`."""
+        if not self.saved(out_dir):
+            write_file_atomic(out_dir / JOURNAL_NAME, self._run_file())
 
     def record(self, out_dir: Path, file: str, entry: dict[str, Any]) -> None:
         folder = out_dir / SHARDS_DIR

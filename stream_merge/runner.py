@@ -18,6 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Any
 
 import torch
@@ -105,8 +106,9 @@ def _locked(out: Path, name: str = LOCK_NAME) -> Iterator[None]:
         yield
     finally:
         if held:
-            for p in out.glob(f"{TMP_PREFIX}*.{os.getpid()}.*"):  # e.g. an interrupt inside AtomicFile's open
-                p.unlink(missing_ok=True)
+            for folder in (out, out / SHARDS_DIR):  # e.g. an interrupt inside AtomicFile's open
+                for p in folder.glob(f"{TMP_PREFIX}*.{os.getpid()}.*"):
+                    p.unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
         os.close(fd)
 
@@ -115,11 +117,14 @@ def _clean_stale_temps(out: Path, mine: set[str] | None = None) -> int:
     """Remove temp files left by killed runs: all of them, or (for `--worker`) only those of this worker's
     shards, since other workers may be writing theirs right now. Temp names are `<prefix><file>.<pid>.<id>`."""
     n = 0
-    for p in out.glob(TMP_PREFIX + "*"):
-        target = p.name[len(TMP_PREFIX):].rsplit(".", 2)[0]
-        if mine is None or target in mine:
-            p.unlink(missing_ok=True)
-            n += 1
+    for folder in (out, out / SHARDS_DIR):
+        for p in folder.glob(TMP_PREFIX + "*"):
+            target = p.name[len(TMP_PREFIX):].rsplit(".", 2)[0]
+            if folder != out:  # a shard record: <quoted shard file>.json
+                target = unquote(target.removesuffix(".json"))
+            if mine is None or target in mine:
+                p.unlink(missing_ok=True)
+                n += 1
     return n
 
 
@@ -288,6 +293,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                     continue
                 r = _shard_done(out, journal, s.file)
                 if r is not None and r.sha256 is None and pusher is not None:
+                    (out / INDEX_NAME).unlink(missing_ok=True)  # nothing is written beside a complete index
                     r = _add_checksum(out, journal, r)  # merged by an earlier run without --push-to-hub
                 if r is None and pusher is not None and not cfg.local_copy and s.file in journal.shards \
                         and pusher.pushed(s.file, journal.shards[s.file].get("sha256")):
@@ -295,8 +301,10 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                 if r is not None:
                     done[s.file] = r
             todo = [s.file for s in plan.shards if s.file in mine and s.file not in done]
-            if todo:
-                (out / INDEX_NAME).unlink(missing_ok=True)  # "complete" only once everything is done again
+            if todo or not journal.saved(out):
+                # "complete" only once everything is done again; and nothing is written into OUT while it holds
+                # the index (a kill in the middle of an atomic write leaves its temp file beside it)
+                (out / INDEX_NAME).unlink(missing_ok=True)
             for f in todo:
                 journal.forget(out, f)
             journal.save(out)

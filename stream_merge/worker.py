@@ -28,9 +28,9 @@ from .errors import NonFiniteError
 from .lora import (apply_delta_into, combine, conv_delta, delta_rows, dora_apply, param_delta_rows, row_blocks)
 from .quant import dequantize, quantize
 from .records import DTYPE_SIZES, LoraPatch, ShardPlan, ShardResult, TensorPlan, numel
-from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes
+from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes, unmap
 
-Chunk = tuple[str | None, bytearray, int]  # (tensor name or None, buffer, valid bytes)
+Chunk = tuple[str | None, "bytearray | memoryview", int]  # (tensor name or None, buffer, valid bytes)
 
 
 @dataclass
@@ -89,18 +89,30 @@ class BufferPool:
         """A pool buffer, or a one-off one for a chunk larger than the pool's buffers."""
         return self._free.get() if nbytes <= self.size else bytearray(nbytes)
 
-    def put(self, buf: bytearray) -> None:
-        if len(buf) == self.size:
+    def put(self, buf: bytearray | memoryview) -> None:
+        """Take a buffer back: pool buffers are reused, views of the base (untouched bytes) unmapped."""
+        if isinstance(buf, memoryview):
+            unmap(buf)
+        elif len(buf) == self.size:
             self._free.put(buf)
 
 
 @dataclass(frozen=True)
 class Job:
-    """One chunk of the output: `fill(buf)` writes its `nbytes` bytes to the start of `buf`."""
+    """One chunk of the output: `fill(buf)` writes its `nbytes` bytes to the start of a pool buffer, or
+    `source()` returns them as a view of the base (untouched bytes: no copy of ours at all)."""
 
     name: str | None
     nbytes: int
-    fill: Callable[[bytearray], None]
+    fill: Callable[[bytearray], None] | None = None
+    source: Callable[[], memoryview] | None = None
+
+    def run(self, buf: bytearray | None) -> bytearray | memoryview:
+        if self.source is not None:
+            return self.source()
+        assert self.fill is not None and buf is not None
+        self.fill(buf)
+        return buf
 
 
 class _Scratch(threading.local):
@@ -251,6 +263,8 @@ def _merged_jobs(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapter
     double = len(tp.patches) == 1 and tp.patches[0].weight == 1.0 and tp.patches[0].double_round
     single = len(factors) == 1 and factors[0][0].weight == 1.0 and dora is None
     cpu = dev.type == "cpu"
+    # the common case: one LoRA on CPU, rounded once, from the base (not a replacement)
+    fast = single and cpu and not double and tp.replace is None and bool(tp.shape)
 
     def base_rows(r0: int, r1: int) -> torch.Tensor:
         if tp.replace is not None:
@@ -263,6 +277,21 @@ def _merged_jobs(tp: TensorPlan, reader: ShardReader, adapters: Sequence[Adapter
         if not nbytes:
             return
         out = torch.frombuffer(buf, dtype=dtype, count=(r1 - r0) * row_elems).view((r1 - r0, *shape[1:]))
+        if fast:
+            p, a, b = factors[0]
+            delta = _delta_scratch(p, a, b, tp.shape, r0, r1, scratch)
+            view = reader.view(tp.source.start + r0 * row_elems * itemsize, nbytes)
+            try:  # the base rows are read once, from the map, into the fp32 sum
+                base = torch.frombuffer(view, dtype=dtype).view(out.shape)
+                merged32 = delta.add_(base if dtype == torch.float32 else
+                                      scratch.take("base", out.shape, dev).copy_(base))
+                del base
+            finally:
+                unmap(view)
+            out.copy_(merged32)
+            if compute.check_finite:
+                _check_finite(tp, merged32, out, lambda: base_rows(r0, r1), r0, r1)
+            return
         if tp.replace is not None:
             out.copy_(base_rows(r0, r1))  # the same cast as .to(dtype)
             if not factors:
@@ -327,7 +356,7 @@ def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapter
         i += 1
         for pos in range(start, end, chunk):
             n = min(chunk, end - pos)
-            yield Job(None, n, lambda buf, pos=pos, n=n: reader.read_into(pos, memoryview(buf)[:n]))
+            yield Job(None, n, source=lambda pos=pos, n=n: reader.view(pos, n))
 
 
 def shard_chunks(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
@@ -339,26 +368,22 @@ def shard_chunks(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapt
     jobs = shard_jobs(shard, reader, adapters, compute, scratch)
     if compute.threads <= 1:
         for job in jobs:
-            buf = pool.get(job.nbytes)
-            job.fill(buf)
-            yield job.name, buf, job.nbytes
+            yield job.name, job.run(None if job.source else pool.get(job.nbytes)), job.nbytes
         return
-    inflight: deque[tuple[Job, bytearray, Future[None]]] = deque()
+    inflight: deque[tuple[Job, Future[bytearray | memoryview]]] = deque()
     with ThreadPoolExecutor(compute.threads, thread_name_prefix="stream-merge-compute") as ex:
         try:
             for job in jobs:
                 if len(inflight) >= compute.depth:
-                    done, buf, fut = inflight.popleft()
-                    fut.result()
-                    yield done.name, buf, done.nbytes
-                buf = pool.get(job.nbytes)
-                inflight.append((job, buf, ex.submit(job.fill, buf)))
+                    done, fut = inflight.popleft()
+                    yield done.name, fut.result(), done.nbytes
+                # pool buffers are taken here, in file order: the oldest job always has one
+                inflight.append((job, ex.submit(job.run, None if job.source else pool.get(job.nbytes))))
             while inflight:
-                done, buf, fut = inflight.popleft()
-                fut.result()
-                yield done.name, buf, done.nbytes
+                done, fut = inflight.popleft()
+                yield done.name, fut.result(), done.nbytes
         finally:
-            for _, _, fut in inflight:
+            for _, fut in inflight:
                 fut.cancel()
 
 

@@ -618,7 +618,10 @@ def test_stale_temp_files_are_removed(world: World) -> None:
     world.kills.append("stale-partial")
     for name, data in stale.items():
         (out / name).write_bytes(data)
+    record_tmp = out / SHARDS_DIR / f"{TMP}{world.shards[-1]}.json.4242.0badf00d"  # a kill inside a record write
+    record_tmp.write_bytes(b'{"size": 1')
     world.finish(out)
+    assert not record_tmp.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,19 +47,21 @@ def test_measure_reports_the_child_not_the_parent() -> None:
 def test_bench_tiny(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     p = run_script("bench.py", "--size", "8MB", "--shard-size", "3MB", "--repeats", "1", *TINY,
-                   "--workdir", tmp_path / "work", "--json", out)
+                   "--workdir", tmp_path / "work", "--json", out, "--checksums", "--startup")
     assert p.returncode == 0, p.stderr + p.stdout
     for text in ("median wall s", "x cp", "peak RSS MiB", "GB/s", "machine:", "command:", "stream-merge merge"):
         assert text in p.stdout
     d = json.loads(out.read_text())
     assert {"machine", "engine", "invocation", "commands", "params", "runs", "summary"} <= d.keys()
     assert {"cpu", "cores", "ram_gib", "torch"} <= d["machine"].keys()
-    assert set(d["summary"]) == {"cp", "stream-merge"}
+    assert set(d["summary"]) == {"cp", "stream-merge", "sm-checksums", "startup"}
+    assert "--checksums" in d["commands"]["sm-checksums"] and "import stream_merge.runner" in d["commands"]["startup"]
     for s in d["summary"].values():
         assert {"median_wall_s", "ratio_vs_cp", "peak_rss_mib", "gb_per_s", "runs"} <= s.keys()
         assert s["runs"] == 1 and s["median_wall_s"] > 0 and s["peak_rss_mib"] > 0
     assert d["summary"]["cp"]["ratio_vs_cp"] == 1.0
-    assert [r["name"] for r in d["runs"]] == ["cp", "stream-merge"] and all(r["rc"] == 0 for r in d["runs"])
+    assert [r["name"] for r in d["runs"]] == ["cp", "stream-merge", "sm-checksums", "startup"]
+    assert all(r["rc"] == 0 for r in d["runs"])
     assert d["params"]["shards"] >= 3 and d["params"]["rank"] == 16
     # no --keep: the inputs it made and every output are gone, only the (empty) workdir is left
     assert not any((tmp_path / "work").rglob("*.safetensors"))
