@@ -36,7 +36,7 @@ from .planner import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
-from .worker import Compute, compute_threads, publish, write_shard
+from .worker import Compute, compute_threads, frozen_gc, publish, write_shard
 
 log = logging.getLogger("stream_merge")
 LOCK_NAME = ".stream-merge.lock"
@@ -473,7 +473,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
             pos = todo.index(shard)
             for ahead in todo[pos:pos + 1 + prefetch]:  # this shard first, then up to `prefetch` more
                 base.prefetch(ahead.file)
-            with ShardReader(base.shard_path(shard.file), header) as reader:
+            with ShardReader(base.shard_path(shard.file), header) as reader, frozen_gc():
                 written, res = write_shard(shard, reader, adapters, out / shard.file, compute,
                                            lambda n, f=shard.file: progress(n, f), checksum)
             if flushing is not None:

@@ -22,7 +22,7 @@ from .extras import RECORD_NAME
 from .journal import file_sha256
 from .records import MergePlan, ShardHeader
 from .safetensors_io import ShardReader, read_header_file
-from .worker import Compute, compute_threads, shard_chunks
+from .worker import Compute, compute_threads, frozen_gc, shard_chunks
 
 
 @dataclass
@@ -73,7 +73,8 @@ def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one torch thread per compute job (see runner._merge_shards)
     try:
-        with ShardReader(Path(plan.base.root) / file, base_header) as reader, open(out / file, "rb") as f:
+        with ShardReader(Path(plan.base.root) / file, base_header) as reader, open(out / file, "rb") as f, \
+                frozen_gc():
             pos = 0
             compute = Compute(threads=compute_threads(torch.device("cpu")))
             pool = compute.pool(spare=0)
