@@ -268,3 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def entry() -> None:
+    """The `stream-merge` / `python -m stream_merge` entry point: `main`, then a fast exit. Once main has
+    returned, every output is fsynced and every thread of ours joined; tearing down an interpreter that
+    holds torch only costs time (measured 0.4 s, a tenth of a 1.7 GB merge). An exception still takes the
+    normal way out, with its traceback."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
