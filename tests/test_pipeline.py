@@ -236,3 +236,27 @@ def test_resume_of_a_copied_output_keeps_shards_whose_checksum_matches(pair: tup
     assert r.returncode == 0 and f"({n} resumed)" in r.stdout, r.stdout
     entries = [json.loads(p.read_text()) for p in (copy / SHARDS_DIR).glob("*.json")]
     assert len(entries) == n and all(e["sha256"] for e in entries)
+
+
+def test_the_finite_check_is_skipped_only_when_overflow_is_impossible() -> None:
+    from stream_merge.records import LoraPatch
+    from stream_merge.worker import _cannot_overflow
+
+    p = LoraPatch(module="m", target="m.weight", kind="linear", adapter=0, a_key="a", b_key="b", rank=16, alpha=32.0,
+                  scale=2.0)
+    a, b = torch.full((16, 8), 0.1), torch.full((8, 16), 0.1)
+    assert _cannot_overflow((p, a, b), torch.bfloat16) and _cannot_overflow((p, a, b), torch.float32)
+    assert not _cannot_overflow((p, a, b), torch.float16)  # fp16 overflows at 65504: always checked
+    assert not _cannot_overflow((p, a * 1e16, b * 1e16), torch.bfloat16)
+    assert not _cannot_overflow((p, None, b), torch.bfloat16)
+
+
+def test_gc_is_frozen_only_during_a_shard() -> None:
+    import gc
+
+    from stream_merge.worker import frozen_gc
+
+    assert gc.get_freeze_count() == 0
+    with frozen_gc():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
