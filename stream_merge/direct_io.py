@@ -36,6 +36,7 @@ class FileSink:
         self._fill = 0  # bytes in the current staging buffer
         self._written = 0  # bytes handed to the disk (a multiple of ALIGN while direct)
         self._bufs: list[mmap.mmap] = []
+        self._addr: dict[int, int] = {}  # id(staging buffer) -> its address, for memmove
         self._io: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
         self._lock = threading.Lock()  # close() never unmaps a buffer that a raw memmove is writing into

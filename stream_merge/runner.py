@@ -36,7 +36,7 @@ from .planner import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
-from .worker import Compute, compute_threads, frozen_gc, publish, write_shard
+from .worker import Compute, compute_threads, frozen_gc, publish, torch_settings, write_shard
 
 log = logging.getLogger("stream_merge")
 LOCK_NAME = ".stream-merge.lock"
@@ -324,8 +324,9 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                 results = merge_on_ray(plan, base_src.folder(), out, journal, done, todo, compute, progress,
                                        None if cfg.ray == "local" else cfg.ray, checksum)
             else:
-                results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch,
-                                        pusher, todo, checksum)
+                with torch_settings():
+                    results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch,
+                                            pusher, todo, checksum)
             pending = _pending(out, plan, journal, cfg.local_copy)
             if not pending:
                 side = _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], cfg.base, inputs, options,
@@ -442,14 +443,6 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
     results: list[ShardResult] = []
     wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
     progress, bar = progress_callback(plan, wanted, progress)
-    old_threads = torch.get_num_threads()
-    # Row blocks run on `compute.threads` threads of their own, one torch thread each: cache-sized tiles
-    # gain nothing from intra-op threads, and OpenMP's spinning threads collapse under contention with the
-    # writer (measured: 77 s -> 19 s for 4.5 GB on 2 busy cores).
-    torch.set_num_threads(1)
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    # TF32 would change the bits (PEFT_SEMANTICS §0): off for matmuls and for cuDNN convolutions
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     committer = ThreadPoolExecutor(1, thread_name_prefix="stream-merge-commit")
     flushing: Future[None] | None = None
 
@@ -494,8 +487,6 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                                fix="re-run the same command to resume") from None
     finally:
         committer.shutdown(wait=True)  # a complete shard that is being flushed is still published
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
-        torch.set_num_threads(old_threads)
         for a in adapters:
             a.close()
         if bar is not None:

@@ -22,7 +22,7 @@ from .extras import RECORD_NAME
 from .journal import file_sha256
 from .records import MergePlan, ShardHeader
 from .safetensors_io import ShardReader, read_header_file
-from .worker import Compute, compute_threads, frozen_gc, shard_chunks
+from .worker import Compute, compute_threads, frozen_gc, shard_chunks, torch_settings
 
 
 @dataclass
@@ -70,11 +70,9 @@ def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, 
     shard = next(s for s in plan.shards if s.file == file)
     base_header = next(h for h in plan.base.shards if h.file == file)
     adapters = [AdapterReader(spec) for spec in plan.adapters]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one torch thread per compute job (see runner._merge_shards)
     try:
         with ShardReader(Path(plan.base.root) / file, base_header) as reader, open(out / file, "rb") as f, \
-                frozen_gc():
+                torch_settings(), frozen_gc():
             pos = 0
             compute = Compute(threads=compute_threads(torch.device("cpu")))
             pool = compute.pool(spare=0)
@@ -91,13 +89,13 @@ def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, 
                                                f"recorded inputs (first at byte {pos + i})")
                         return
                     pos += len(data)
+                    data.release()  # so that a view of the base is unmapped right away
                     pool.put(chunk)
             finally:
                 chunks.close()
             if f.read(1):
                 report.problems.append(f"{file}: has trailing bytes after the last tensor")
     finally:
-        torch.set_num_threads(threads)
         for a in adapters:
             a.close()
     report.recomputed.append(file)

@@ -36,6 +36,17 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     return make_pair(tmp_path)
 
 
+@pytest.fixture
+def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A Hub-compatible test server on 127.0.0.1 (tests/hub_server.py); it must log no protocol errors."""
+    from hub_server import start_hub_server
+
+    server = start_hub_server(tmp_path)
+    yield server
+    server.stop()
+    assert server.errors == [], "\n".join(server.errors)
+
+
 def edit_json(path: Path, **changes: object) -> None:
     obj = json.loads(path.read_text())
     for k, v in changes.items():

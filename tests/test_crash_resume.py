@@ -245,6 +245,14 @@ class World:
         self.assert_identical(out)
         return child
 
+    def kill_after_journaled(self, out: Path, n: int, label: str) -> None:
+        """Start a merge into OUT, SIGKILL it once the journal holds n shards; it must not finish first."""
+        child = self.zygote.start(self.args(out))
+        wait_for(lambda: journaled(out, n)() or not alive(child.pid), what=f"{n} journaled shard(s)")
+        child.signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL, "the merge finished before it could be killed"
+        self.kills.append(label)
+
     def kill_at(self, out: Path, when: Callable[[Child], str], *extra: object) -> str:
         """Start a merge, wait for `when(child)` (which says when it fired), SIGKILL the merge, check the
         invariant. Returns the state OUT was left in, or 'finished' if the merge completed first."""
@@ -506,11 +514,7 @@ def test_failing_write_exits_2_naming_the_shard_then_resumes(world: World) -> No
 
 def test_rerun_resumes_finished_shards(world: World) -> None:
     out = world.root / "resume"
-    child = world.zygote.start(world.args(out))
-    wait_for(lambda: journaled(out, 3)() or not alive(child.pid), what="three journaled shards")
-    child.signal(signal.SIGKILL)
-    assert child.wait() == -signal.SIGKILL, "the merge finished before it could be killed"
-    world.kills.append("resume")
+    world.kill_after_journaled(out, 3, "resume")
     world.check_invariant(out)
     n_journaled = len(journal_shards(out))
     done = world.finish(out)
@@ -557,11 +561,7 @@ def test_other_inputs_or_options_are_refused_until_fresh(world: World) -> None:
     assert {n: h for n, h in snapshot(out).items() if n != LOCK} == before
     # ... and into a partial OUT
     partial = world.root / "mismatch-partial"
-    child = world.zygote.start(world.args(partial))
-    wait_for(lambda: journaled(partial, 2)() or not alive(child.pid), what="two journaled shards")
-    child.signal(signal.SIGKILL)
-    assert child.wait() == -signal.SIGKILL
-    world.kills.append("mismatch-partial")
+    world.kill_after_journaled(partial, 2, "mismatch-partial")
     partial_before = {n: h for n, h in snapshot(partial).items() if not n.startswith(TMP) and n != LOCK}
     _assert_refused(world.zygote.start(world.args(partial, adapter=other)), "--fresh")
     assert {n: h for n, h in snapshot(partial).items() if not n.startswith(TMP) and n != LOCK} == partial_before
@@ -611,11 +611,7 @@ def test_stale_temp_files_are_removed(world: World) -> None:
     world.finish(out)  # assert_identical: no temp file left
     # a partial OUT (after a kill) plus stale temp files
     out = world.root / "stale-partial"
-    child = world.zygote.start(world.args(out))
-    wait_for(lambda: journaled(out, 1)() or not alive(child.pid), what="the first journaled shard")
-    child.signal(signal.SIGKILL)
-    assert child.wait() == -signal.SIGKILL
-    world.kills.append("stale-partial")
+    world.kill_after_journaled(out, 1, "stale-partial")
     for name, data in stale.items():
         (out / name).write_bytes(data)
     record_tmp = out / SHARDS_DIR / f"{TMP}{world.shards[-1]}.json.4242.0badf00d"  # a kill inside a record write

@@ -25,9 +25,9 @@ from conftest import rewrite_adapter
 from stream_merge.synthetic import LlamaShape, write_adapter, write_checkpoint
 
 try:
-    from hub_server import HubServer, hub_env, start_hub_server
+    from hub_server import HubServer, hub_env
 except ImportError:  # tests/ imported as a package
-    from tests.hub_server import HubServer, hub_env, start_hub_server
+    from tests.hub_server import HubServer, hub_env
 
 pytestmark = pytest.mark.hub
 
@@ -65,14 +65,6 @@ def model(tmp_path_factory):
     sizes = {s: (base / s).stat().st_size for s in shards}
     assert len(shards) >= 5 and min(sizes.values()) > HEADER_PROBE
     return {"base": base, "base2": base2, "adapter": adapter, "ref": ref, "shards": shards, "sizes": sizes}
-
-
-@pytest.fixture
-def hub(tmp_path):
-    server = start_hub_server(tmp_path)
-    yield server
-    server.stop()
-    assert server.errors == [], "\n".join(server.errors)
 
 
 def publish(hub: HubServer, model: dict, tag: str | None = None) -> str:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from hub_server import HubServer, hub_env, start_hub_server
+    from hub_server import HubServer, hub_env
 except ImportError:  # tests/ imported as a package
-    from tests.hub_server import HubServer, hub_env, start_hub_server
+    from tests.hub_server import HubServer, hub_env
 
 pytestmark = pytest.mark.hub
 
@@ -45,14 +45,6 @@ def _err(fn):
 def _sha256(p):
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 '''
-
-
-@pytest.fixture
-def hub(tmp_path):
-    server = start_hub_server(tmp_path)
-    yield server
-    server.stop()
-    assert server.errors == [], "\n".join(server.errors)
 
 
 def run_client(server: HubServer, hf_home: Path, code: str, extra_env: dict | None = None) -> dict:
