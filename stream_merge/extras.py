@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import INDEX_NAME
+from .fileio import write_file_atomic
 from .records import MergePlan, ShardResult, numel
-from .safetensors_io import write_file_atomic
 
 RECORD_NAME = "stream_merge.json"
 SIDE_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "LICENSE*", "NOTICE*", "USE_POLICY*",

@@ -43,7 +43,7 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_ba
 from .checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, load_json, read_index
 from .errors import InputError, StreamMergeError
 from .extras import MAX_SIDE_FILE, NOT_SIDE_FILES, SIDE_FILES, TOKENIZER_FILES
-from .journal import file_sha256
+from .fileio import file_sha256
 from .records import BaseIndex, ShardHeader
 from .safetensors_io import MAX_HEADER_BYTES, parse_header, read_header_file
 
@@ -397,12 +397,11 @@ class HubSource:
         return path
 
     def _prepare_download_dir(self) -> None:
-        """Created on the first download, under the output lock: drop partial files a killed run left."""
+        """Created on the first download. The folder is this process's own (the runner names it after its
+        owner), so nothing in it belongs to another run; what killed runs left the runner removes."""
         if self._dir_ready or self.download_dir is None:
             return
         self.download_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.download_dir.rglob("*.incomplete"):
-            p.unlink(missing_ok=True)
         self._dir_ready = True
 
     # ------------------------------------------------------------------ downloads

@@ -19,7 +19,7 @@ from .adapter import AdapterReader
 from .checkpoint import INDEX_NAME
 from .errors import StreamMergeError, VerificationError
 from .extras import RECORD_NAME
-from .journal import file_sha256
+from .fileio import file_sha256
 from .records import MergePlan, ShardHeader
 from .safetensors_io import ShardReader, read_header_file
 from .worker import Compute, compute_threads, frozen_gc, shard_chunks, torch_settings

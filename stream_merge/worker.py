@@ -30,7 +30,8 @@ from .errors import NonFiniteError
 from .lora import (apply_delta_into, combine, conv_delta, delta_rows, dora_apply, param_delta_rows, row_blocks)
 from .quant import dequantize, quantize
 from .records import DTYPE_SIZES, LoraPatch, ShardPlan, ShardResult, TensorPlan, numel
-from .safetensors_io import TORCH_DTYPES, AtomicFile, ShardReader, header_bytes, unmap
+from .fileio import AtomicFile
+from .safetensors_io import TORCH_DTYPES, ShardReader, header_bytes, unmap
 
 Chunk = tuple[str | None, "bytearray | memoryview", int]  # (tensor name or None, buffer, valid bytes)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_pair
+from stream_merge.fileio import owner_tag, temp_name
 from stream_merge.journal import SHARDS_DIR, load_journal
 
 from stream_merge.synthetic import LlamaShape, write_adapter
@@ -600,9 +601,17 @@ def test_second_concurrent_run_fails_fast_on_the_lock(world: World) -> None:
     world.assert_identical(out)
 
 
+def dead_owner() -> str:
+    """The owner part of temp names of a process of this host that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{owner_tag().split('-')[0]}-{proc.pid}-abcdef"
+
+
 def test_stale_temp_files_are_removed(world: World) -> None:
-    stale = {f"{TMP}{world.shards[0]}.4242.deadbeef": b"half a shard",
-             f"{TMP}{JOURNAL}.4242.cafef00d": b'{"version": 1, "shar'}
+    """Temp files of killed runs of this host are removed by the next run (their owner provably ended)."""
+    dead = dead_owner()
+    stale = {temp_name(world.shards[0], dead): b"half a shard", temp_name(JOURNAL, dead): b'{"version": 1, "shar'}
     # an otherwise empty OUT holding only stale temp files
     out = world.root / "stale-new"
     out.mkdir()
@@ -614,7 +623,7 @@ def test_stale_temp_files_are_removed(world: World) -> None:
     world.kill_after_journaled(out, 1, "stale-partial")
     for name, data in stale.items():
         (out / name).write_bytes(data)
-    record_tmp = out / SHARDS_DIR / f"{TMP}{world.shards[-1]}.json.4242.0badf00d"  # a kill inside a record write
+    record_tmp = out / SHARDS_DIR / temp_name(f"{world.shards[-1]}.json", dead)  # a kill inside a record write
     record_tmp.write_bytes(b'{"size": 1')
     world.finish(out)
     assert not record_tmp.exists()
@@ -626,7 +635,7 @@ def test_stale_temp_files_are_removed(world: World) -> None:
 INTERRUPT_LOOP = r"""
 import os, random, shutil, signal, sys, time
 from pathlib import Path
-from stream_merge.safetensors_io import TMP_PREFIX, AtomicFile, write_file_atomic
+from stream_merge.fileio import TMP_PREFIX, AtomicFile, write_file_atomic
 root, trials = Path(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(5)
 leaks = []
