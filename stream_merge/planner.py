@@ -439,7 +439,8 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
                                     "adapter for another model? else add a key_map rule")
             continue
         _plan_module(acc, idx, spec, module, roles, info, via, ranks, alphas)
-        if isinstance(st.target_modules, (str, list)) and peft_targets(
+        if isinstance(st.target_modules, (str, list)) and "weight" not in targeted_params(
+                module, st.target_parameters) and peft_targets(
                 module, st.target_modules, st.exclude_modules, st.layers_to_transform, st.layers_pattern) is False:
             (acc.problems if acc.options.strict else acc.warnings).append(
                 f"{where}: the file has LoRA weights for this module but target_modules/layers_to_transform do not "
