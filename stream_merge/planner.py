@@ -11,8 +11,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, compile_patterns, is_conv1d_module,
-                     is_converted_router, parse_key, pattern_value, peft_targets, targeted_params)
+from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, is_conv1d_module,
+                     is_converted_router, parse_key, targeted_params)
+from .patterns import ModuleSelection, PatternTimeout, compile_patterns, pattern_value
 from .records import (FLOAT_DTYPES, FP8_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan,
                       ModuleMapping, QuantSpec, Replacement, ShardPlan, TensorInfo, TensorPlan)
 from .ties import TIE_HELP, _is_head, _tie_policy, _tied_head, vocab_row_tensor
@@ -381,6 +382,8 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
     try:
         ranks = compile_patterns(st.rank_pattern, "rank_pattern")
         alphas = compile_patterns(st.alpha_pattern, "alpha_pattern")
+        selection = ModuleSelection.from_config(st.target_modules, st.exclude_modules, st.layers_to_transform,
+                                                st.layers_pattern)
     except ValueError as exc:
         acc.problems.append(f"adapter {idx}: {exc}")
         return
@@ -416,8 +419,8 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
                                     "adapter for another model? else add a key_map rule")
             continue
         _plan_module(acc, idx, spec, module, roles, info, via, ranks, alphas)
-        if isinstance(st.target_modules, (str, list)) and peft_targets(
-                module, st.target_modules, st.exclude_modules, st.layers_to_transform, st.layers_pattern) is False:
+        if isinstance(st.target_modules, (str, list)) and "weight" not in targeted_params(
+                module, st.target_parameters) and selection.selects(module) is False:
             (acc.problems if acc.options.strict else acc.warnings).append(
                 f"{where}: the file has LoRA weights for this module but target_modules/layers_to_transform do not "
                 "select it (PEFT would ignore them; stream-merge applies them)")
@@ -490,9 +493,15 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
     if len(adapters) > 1 and any(a.settings.use_dora for a in adapters):
         acc.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole weight "
                             "rows, so the result would depend on the order; merge them one after another instead")
-    for idx, spec in enumerate(adapters):
-        _plan_adapter(acc, idx, spec, vocab)
-    head = _tie_policy(acc, adapters, _plan_module)
+    head, where = None, ""
+    try:  # a config regex that backtracks for ever stops the plan with a problem naming its key
+        for idx, spec in enumerate(adapters):
+            where = f"adapter {idx} ({spec.config_file})"
+            _plan_adapter(acc, idx, spec, vocab)
+        where = "tied head"
+        head = _tie_policy(acc, adapters, _plan_module)
+    except PatternTimeout as exc:
+        acc.problems.append(f"{where}: {exc}")
     if "vocab_size" in acc.config_updates and vocab is not None:
         new = acc.config_updates["vocab_size"]
         for name, info in base.tensors.items():
