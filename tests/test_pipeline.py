@@ -240,7 +240,7 @@ def test_resume_of_a_copied_output_keeps_shards_whose_checksum_matches(pair: tup
 
 def test_the_finite_check_is_skipped_only_when_overflow_is_impossible() -> None:
     from stream_merge.records import LoraPatch
-    from stream_merge.worker import _cannot_overflow
+    from stream_merge.recipes import cannot_overflow as _cannot_overflow
 
     p = LoraPatch(module="m", target="m.weight", kind="linear", adapter=0, a_key="a", b_key="b", rank=16, alpha=32.0,
                   scale=2.0)
@@ -260,3 +260,56 @@ def test_gc_is_frozen_only_during_a_shard() -> None:
     with frozen_gc():
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
+
+
+def _fused_moe_pair(root: Path, experts: int = 8, rows: int = 200, cols: int = 48, r: int = 4
+                    ) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A base holding one fused (E, out, in) expert tensor and a target_parameters adapter for it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    sd = {name: torch.randn(experts, rows, cols, generator=g).to(torch.bfloat16),
+          "model.norm.weight": torch.ones(cols, dtype=torch.bfloat16)}
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": cols}))
+    ad = {"base_model.model.model.layers.0.mlp.experts.lora_A.weight": torch.randn(r * experts, cols, generator=g),
+          "base_model.model.model.layers.0.mlp.experts.lora_B.weight": torch.randn(rows, r * experts, generator=g)}
+    save_file(ad, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": [],
+        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    return base, adapter, {"W": sd[name], **ad}
+
+
+def test_a_fused_moe_tensor_is_blocked_inside_experts(tmp_path: Path) -> None:
+    """Blocks of a fused (E, out, in) tensor stay about one block (rows inside one expert), not 64 experts
+    at a time, and give PEFT's bits: Δ[e] = B[:, :, e] @ A[e] * s, then W + Δ.to(bf16) (PEFT_SEMANTICS §5)."""
+    from safetensors.torch import load_file
+
+    from stream_merge.pipeline import shard_jobs
+
+    experts, rows, cols, r = 8, 200, 48, 4
+    base, adapter, t = _fused_moe_pair(tmp_path, experts, rows, cols, r)
+    a3 = t["base_model.model.model.layers.0.mlp.experts.lora_A.weight"].reshape(experts, r, cols)
+    b3 = t["base_model.model.model.layers.0.mlp.experts.lora_B.weight"].reshape(rows, r, experts)
+    delta = torch.stack([(b3[:, :, e] @ a3[e]) * 2.0 for e in range(experts)])
+    want = t["W"] + delta.to(torch.bfloat16)
+    plan, adapters = _plan_and_readers(base, adapter)
+    assert not plan.problems, plan.problems
+    shard = plan.shards[0]
+    header = plan.base.shards[0]
+    compute = Compute(block_bytes=64 * cols * 4, copy_bytes=5000)
+    with ShardReader(base / shard.file, header) as reader:
+        sizes = [j.nbytes for j in shard_jobs(shard, reader, adapters, compute) if j.name == shard.touched[0].name]
+        assert len(sizes) == experts * 3 and max(sizes) <= compute.buffer_bytes, sizes  # 64, 64, 72 rows each
+        out = tmp_path / "out"
+        out.mkdir()
+        merge_shard(shard, reader, adapters, out / shard.file, compute)
+    got = load_file(str(out / shard.file))["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(got, want)
+    for a in adapters:
+        a.close()
