@@ -313,3 +313,109 @@ def test_a_fused_moe_tensor_is_blocked_inside_experts(tmp_path: Path) -> None:
     assert torch.equal(got, want)
     for a in adapters:
         a.close()
+
+
+def test_the_writer_queue_never_exceeds_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk makes the producer wait (back-pressure) instead of queueing every chunk of the shard, maps
+    of untouched bytes included; the output is still byte-identical."""
+    import time
+
+    from stream_merge import worker
+
+    base, adapter = make_pair(tmp_path, shape=WIDE, shard_bytes=600_000, r=8, alpha=16.0)
+    plan, adapters = _plan_and_readers(base, adapter)
+    ref = tmp_path / "ref"
+    assert run_cli("merge", base, adapter, "-o", ref, "--quiet").returncode == 0
+    writers: list = []
+
+    class Recording(worker._Writer):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    monkeypatch.setattr(worker, "_Writer", Recording)
+    shard = max(plan.shards, key=lambda s: s.in_bytes)
+    header = next(h for h in plan.base.shards if h.file == shard.file)
+    for threads in (1, 3):
+        compute = Compute(block_bytes=8 * 1024, copy_bytes=4096, threads=threads)
+        out = tmp_path / f"out{threads}"
+        out.mkdir()
+        with ShardReader(base / shard.file, header) as reader:
+            merge_shard(shard, reader, adapters, out / shard.file, compute, on_bytes=lambda n: time.sleep(0.002))
+        assert (out / shard.file).read_bytes() == (ref / shard.file).read_bytes()
+        w = writers[-1]
+        assert w.bound == compute.queue_bound and w.todo.maxsize == w.bound
+        assert w.high_water == w.bound, (w.high_water, w.bound)  # reached (the disk was slow), never passed
+    for a in adapters:
+        a.close()
+
+
+def _change(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        os.truncate(path, len(data) // 2)
+    elif how == "extended":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 4096)
+    elif how == "replaced":  # another file renamed over it (same size, same bytes even)
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    elif how == "rewritten":  # the same size rewritten in place
+        st = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(len(data) - 8)
+            f.write(b"\x01" * 8)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    elif how == "deleted":
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "extended", "replaced", "rewritten", "deleted"])
+@pytest.mark.parametrize("after", [0, 3, 9])
+def test_a_base_shard_changed_during_the_merge_is_named_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    how: str, after: int) -> None:
+    """A shard truncated, extended, replaced, rewritten or deleted between two blocks: a CheckpointFormatError
+    (exit 2) naming the shard, never SIGBUS, `ValueError: mmap length ...` or a shard of mixed bytes; the
+    output is not published."""
+    from stream_merge.errors import CheckpointFormatError
+    from stream_merge.safetensors_io import ShardReader as Reader
+
+    base, adapter = make_pair(tmp_path, shape=WIDE, shard_bytes=600_000, r=8, alpha=16.0)
+    plan, adapters = _plan_and_readers(base, adapter)
+    shard = max(plan.shards, key=lambda s: s.in_bytes)
+    header = next(h for h in plan.base.shards if h.file == shard.file)
+    real_view = Reader.view
+    calls = []
+
+    def view(self, data_offset: int, nbytes: int):  # type: ignore[no-untyped-def]
+        calls.append(data_offset)
+        if len(calls) == after + 1 and self.path == base / shard.file:
+            _change(self.path, how)
+        return real_view(self, data_offset, nbytes)
+
+    monkeypatch.setattr(Reader, "view", view)
+    out = tmp_path / "out"
+    out.mkdir()
+    with ShardReader(base / shard.file, header) as reader:
+        with pytest.raises(CheckpointFormatError, match="changed during the merge") as exc:
+            merge_shard(shard, reader, adapters, out / shard.file, Compute(block_bytes=8 * 1024, copy_bytes=5000))
+    assert exc.value.file == str(base / shard.file) and shard.file in str(exc.value)
+    assert not list(out.iterdir())  # nothing published, no temp file left
+    for a in adapters:
+        a.close()
+
+
+def test_a_shard_that_shrank_before_a_map_is_named(tmp_path: Path) -> None:
+    """The map itself (not only the check before it) turns a shrunken file into the same clear error."""
+    from stream_merge.errors import CheckpointFormatError
+
+    base, adapter = make_pair(tmp_path)
+    plan = stream_merge.plan(str(base), str(adapter))
+    header = plan.base.shards[0]
+    with ShardReader(base / header.file, header) as reader:
+        os.truncate(base / header.file, header.data_offset + 8)
+        with pytest.raises(CheckpointFormatError, match="truncated"):
+            reader.view(header.size - header.data_offset - 64, 64)
+        with pytest.raises(CheckpointFormatError, match="truncated"):
+            reader.read_rows(header.tensors[-1], 0, 1)
