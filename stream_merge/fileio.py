@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .direct_io import FileSink
 from .errors import OutputError
 
 TMP_PREFIX = ".stream-merge-tmp."
@@ -126,6 +127,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def set_file_note(path: Path, key: str, data: bytes) -> bool:
+    """Attach `data` to a file as an extended attribute `user.<key>` (metadata, not content: the file's bytes
+    stay the same); False where the platform or file system has none."""
+    try:
+        os.setxattr(path, f"user.{key}", data)  # type: ignore[attr-defined]
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def file_note(path: Path, key: str) -> bytes | None:
+    """The extended attribute `set_file_note` attached (None when absent or unsupported)."""
+    try:
+        return os.getxattr(path, f"user.{key}")  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return None
+
+
 def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     """sha256 of a file, read in chunks into one reused buffer."""
     h = hashlib.sha256()
@@ -153,8 +172,6 @@ class AtomicFile:
         self._f: Any = None  # created by __enter__ or the first write, so an interrupt cannot strand it
 
     def _open(self) -> None:
-        from .direct_io import FileSink
-
         try:
             self._f = FileSink(self.tmp, direct=self.direct)
         except OSError as exc:

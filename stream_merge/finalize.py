@@ -1,12 +1,13 @@
 """Completing an output folder once every shard is on disk: side files, model card, record, and last the
 index, whose presence means "complete". The resume journal is removed just before the index is written
 (issue 15 item 6): the record then holds everything a re-run needs (fingerprint, inputs, options, each
-shard's size and sha256; a shard not modified after the record was written is still ours, see
-`resume.journal_from_record`), and a kill between the two leaves an OUT that a re-run completes. The record
-holds no times, so two merges of the same inputs write the same bytes."""
+shard's size and sha256), and a kill between the two leaves an OUT that a re-run completes. The record's bytes
+hold no times, so two merges of the same inputs write the same record; each shard's mtime goes into an
+extended attribute of the record (metadata, where the file system has them; see `resume.journal_from_record`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,10 @@ from typing import Any
 from . import __version__
 from .checkpoint import INDEX_NAME
 from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
-from .fileio import fsync_dir, write_file_atomic
+from .fileio import fsync_dir, set_file_note, write_file_atomic
 from .journal import Journal, remove_journal
 from .records import MergePlan
-from .resume import journal_result
+from .resume import SHARD_TIMES_NOTE, journal_result
 from .sources import Source
 
 CARD_NAME = "README.md"
@@ -46,6 +47,8 @@ def finalize_output(out: Path, plan: MergePlan, base_src: Source, adapter_labels
     side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
     write_file_atomic(out / CARD_NAME, model_card(plan, printable(base_label), [printable(a) for a in adapter_labels]))
     write_record(out, record_of(plan, journal, findings, side))
+    set_file_note(out / RECORD_NAME, SHARD_TIMES_NOTE,
+                  json.dumps({f: e.get("mtime_ns") for f, e in journal.shards.items()}, sort_keys=True).encode())
     remove_journal(out)
     write_index(out, plan)
     fsync_dir(out)

@@ -24,12 +24,13 @@ from . import __version__
 from .checkpoint import INDEX_NAME
 from .errors import OutputError
 from .extras import RECORD_NAME
-from .fileio import TMP_PREFIX, file_sha256
+from .fileio import TMP_PREFIX, file_note, file_sha256
 from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, load_journal, remove_journal, shard_finished
 from .records import MergePlan, ShardResult
 from .sources import DOWNLOADS_DIR, Source
 
 log = logging.getLogger("stream_merge")
+SHARD_TIMES_NOTE = "stream-merge.shard-mtimes"  # extended attribute of the record: each shard's mtime
 MACHINERY = (JOURNAL_NAME, SHARDS_DIR, DOWNLOADS_DIR)  # our own bookkeeping in OUT, never shipped
 
 
@@ -148,13 +149,27 @@ def read_record(out: Path) -> dict[str, Any] | None:
     return obj
 
 
-def journal_from_record(record: dict[str, Any], recorded_ns: int) -> Journal:
-    """The journal a finished merge had, rebuilt from its record (not saved). The record was written after
-    every shard, so a shard whose mtime is not later than the record's (`recorded_ns`) is the one recorded."""
-    shards = {e["file"]: {**e, "not_after_ns": recorded_ns} for e in record["shards"]
-              if isinstance(e, dict) and isinstance(e.get("file"), str)}
+def journal_from_record(record: dict[str, Any], recorded_ns: int, mtimes: dict[str, Any] | None = None) -> Journal:
+    """The journal a finished merge had, rebuilt from its record (not saved). Each shard's mtime comes from
+    the record's extended attribute (`mtimes`); where there is none (a file system without them, a copy
+    that dropped them), a shard not modified after the record was written (`recorded_ns`) counts as the one
+    recorded, since the record is written after every shard."""
+    shards = {}
+    for e in record["shards"]:
+        if isinstance(e, dict) and isinstance(e.get("file"), str):
+            known = (mtimes or {}).get(e["file"])
+            shards[e["file"]] = {**e, "mtime_ns": known} if isinstance(known, int) else {**e, "not_after_ns": recorded_ns}
     return Journal(fingerprint=str(record.get("fingerprint", "")), inputs=record.get("inputs") or {},
                    options=record.get("options") or {}, tool_version=str(record.get("version", "")), shards=shards)
+
+
+def _shard_times(out: Path) -> dict[str, Any] | None:
+    note = file_note(out / RECORD_NAME, SHARD_TIMES_NOTE)
+    try:
+        times = json.loads(note) if note else None
+    except ValueError:
+        return None
+    return times if isinstance(times, dict) else None
 
 
 def load_journal_or_record(out: Path) -> tuple[Journal | None, bool]:
@@ -170,7 +185,7 @@ def load_journal_or_record(out: Path) -> tuple[Journal | None, bool]:
         recorded_ns = (out / RECORD_NAME).stat().st_mtime_ns
     except OSError:
         return None, False
-    return journal_from_record(record, recorded_ns), True
+    return journal_from_record(record, recorded_ns, _shard_times(out)), True
 
 
 def foreign_files(out: Path) -> list[str]:
