@@ -27,7 +27,7 @@ from . import __version__
 from .adapter import AdapterReader, load_adapter
 from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
-from .config import MergeConfig
+from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputError, PlanError
 from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
 from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
@@ -245,7 +245,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
         base_name = cfg.base.split("@", 1)[0] if base_src.kind == "hub" else cfg.base  # the id, not the revision
         findings += compatibility_findings(base_name, base.config, src.spec, spec.raw_config, model_cfg)
     if plan.problems:
-        raise PlanError(plan.problems)
+        raise PlanError(plan.problems, plan=plan)
     if findings and cfg.strict:
         raise CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
     for w in list(plan.warnings) + findings:
@@ -267,13 +267,12 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
-    options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize")}
+    options = recorded_options(cfg, device.type)
     inputs = _inputs_record(base_src, adapter_srcs, plan)
     revisions = [s.revision for s in (base_src, *adapter_srcs)]  # Hub commits: a moved branch is another input
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],
-                                       sorted(options.items()), __version__.split(".")[0])
+                                       sorted(fingerprint_options(cfg, device.type).items()), __version__.split(".")[0])
                                       + ((revisions,) if any(revisions) else ())).encode()).hexdigest()
     mine = _partition(cfg, plan)
     lock = LOCK_NAME if cfg.worker is None else f".stream-merge-{cfg.worker.replace('/', '-of-')}.lock"
@@ -381,22 +380,6 @@ def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequ
     return side
 
 
-def config_from_journal(inputs: dict[str, Any], options: dict[str, Any], output: str | None = None) -> MergeConfig:
-    """The MergeConfig that produced a journal/record: inputs pinned to their recorded revisions."""
-    from .config import build_config
-
-    def spec(entry: dict[str, Any]) -> str:
-        if entry.get("revision"):
-            return f"{entry['spec'].split('@')[0]}@{entry['revision']}"
-        return entry["path"]
-
-    return build_config(base=spec(inputs["base"]), adapters=[spec(a) for a in inputs["adapters"]],
-                        weights=[a["weight"] for a in inputs["adapters"]], output=output,
-                        key_map=options.get("key_map") or None, allow_pickle=options.get("allow_pickle", False),
-                        untie=options.get("untie", False), dequantize=options.get("dequantize", False),
-                        strict=options.get("strict", False), check_finite=options.get("check_finite", True))
-
-
 def finalize(output: str | Path) -> MergeReport:
     """`stream-merge finalize OUT`: after partitioned workers, check every shard against the journal (size and
     sha256) and write the index and record; refuses while shards are missing."""
@@ -406,7 +389,7 @@ def finalize(output: str | Path) -> MergeReport:
     if journal is None:
         raise OutputError("no stream-merge journal in this folder", file=str(out),
                           fix="run `stream-merge merge ... -o OUT` (or its --worker runs) first")
-    cfg = config_from_journal(journal.inputs, journal.options, str(out))
+    cfg = config_from_record(journal.inputs, journal.options, str(out))
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
     with _locked(out, ".stream-merge-finalize.lock"):
         journal.reload(out)

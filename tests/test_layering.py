@@ -7,9 +7,9 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "stream_merge"
-PURE = {"lora", "planner", "keymap", "records", "compat", "errors"}
+PURE = {"lora", "planner", "keymap", "records", "compat", "errors", "options", "partition"}
 IO_MODULES = {"safetensors_io", "sources", "checkpoint", "adapter", "worker", "journal", "runner", "verify", "extras",
-              "cli", "synthetic"}
+              "cli", "synthetic", "config", "limits"}
 IO_STDLIB = {"os", "io", "shutil", "subprocess", "socket", "pathlib", "tempfile", "fcntl", "urllib", "http"}
 
 
