@@ -48,6 +48,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantize", action="store_true", default=None,
                    help="fp8 block-quantized bases: write every fp8 weight as bf16 and drop the scales, instead of "
                         "re-quantizing the patched weights")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=None,
+                   help="output dtype of floating tensors (default auto: each tensor keeps the base's dtype); "
+                        "integer and fp8 tensors are left alone")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
     p.add_argument("--token", metavar="TOKEN",
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("weights", "strict", "allow_pickle", "untie", "dequantize", "output", "device", "dry_run", "fresh", "block_size_mb",
+    keys = ("weights", "strict", "allow_pickle", "untie", "dequantize", "dtype", "output", "device", "dry_run", "fresh", "block_size_mb",
             "check_finite", "checksums", "token", "prefetch", "keep_downloads", "push_to_hub", "private", "local_copy",
             "worker", "ray")
     opts = {k: getattr(args, k, None) for k in keys}
@@ -164,7 +167,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                               allow_pickle=cfg.allow_pickle)
                  for a, w in zip(cfg.adapters, cfg.adapter_weights)]
         plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                     dequantize=cfg.dequantize))
+                                                     dequantize=cfg.dequantize, dtype=cfg.dtype))
         if args.json:
             print(json.dumps(plan.summary(), indent=2))
         else:

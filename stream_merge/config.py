@@ -31,6 +31,7 @@ class MergeConfig:
     allow_pickle: bool = False
     untie: bool = False
     dequantize: bool = False
+    dtype: str = "auto"              # output dtype of floating tensors: auto (the base's), bf16, fp16, fp32
     worker: str | None = None
     ray: str | None = None
     key_map: tuple[tuple[str, str], ...] = ()
@@ -107,7 +108,7 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(float(x) for x in vals)
     if key == "key_map":
         return _key_map(value)
-    if key in ("base", "output", "device", "token", "push_to_hub", "worker", "ray"):
+    if key in ("base", "output", "device", "token", "push_to_hub", "worker", "ray", "dtype"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key} must be a non-empty string, got {value!r}", key=key)
         return value
@@ -170,6 +171,8 @@ def build_config(file_options: Mapping[str, Any] | None = None, **overrides: Any
                           fix="give one weight per adapter")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}", key="device")
+    if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}", key="dtype")
     if cfg.worker is not None:
         from .partition import parse_worker
 

@@ -237,7 +237,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
@@ -268,7 +268,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
     options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize")}
+               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize", "dtype")}
     inputs = _inputs_record(base_src, adapter_srcs, plan)
     revisions = [s.revision for s in (base_src, *adapter_srcs)]  # Hub commits: a moved branch is another input
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
@@ -394,6 +394,7 @@ def config_from_journal(inputs: dict[str, Any], options: dict[str, Any], output:
                         weights=[a["weight"] for a in inputs["adapters"]], output=output,
                         key_map=options.get("key_map") or None, allow_pickle=options.get("allow_pickle", False),
                         untie=options.get("untie", False), dequantize=options.get("dequantize", False),
+                        dtype=options.get("dtype", "auto"),
                         strict=options.get("strict", False), check_finite=options.get("check_finite", True))
 
 
