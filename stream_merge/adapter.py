@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import load_json
 from .errors import InputError, UnsupportedAdapterError
+from .patterns import ModuleSelection, PatternError, compile_patterns
 from .records import AdapterSpec, AdapterTensor, LoraSettings, TensorInfo
 from .safetensors_io import DTYPE_CODES, ShardReader, read_header_file
 
@@ -82,6 +83,33 @@ def _pattern_map(cfg: Mapping[str, Any], key: str, file: str) -> dict[str, Any]:
     return dict(v)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_regexes(cfg: Mapping[str, Any], file: str) -> None:
+    """Every name-selecting field has the type PEFT accepts, and every regular expression compiles: a bad
+    one is an error naming its key now, not a traceback while planning."""
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise InputError(f"{key} must be a string (a regular expression) or a list of names, got {v!r}",
+                             file=file, key=key)
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not _is_int(layers) and not (isinstance(layers, list) and all(map(_is_int, layers))):
+        raise InputError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}", file=file,
+                         key="layers_to_transform")
+    try:
+        compile_patterns(_pattern_map(cfg, "rank_pattern", file), "rank_pattern")
+        compile_patterns(_pattern_map(cfg, "alpha_pattern", file), "alpha_pattern")
+        ModuleSelection.from_config(cfg.get("target_modules"), cfg.get("exclude_modules"),
+                                    cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
+    except PatternError as exc:
+        raise InputError(str(exc), file=file, key=exc.field,
+                         fix=f"correct {exc.field} in adapter_config.json") from None
+
+
 def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
     """Validate adapter_config.json; refuse every semantics-changing field we do not implement."""
     if not isinstance(cfg, dict):
@@ -129,6 +157,7 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
     bias = cfg.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise InputError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}", file=file, key="bias")
+    _check_regexes(cfg, file)
     mts = cfg.get("modules_to_save") or ()
     if isinstance(mts, str):
         mts = (mts,)

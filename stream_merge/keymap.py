@@ -8,9 +8,10 @@ in the base's tensor names: exact, then user rules, then a rename table, then a 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from .patterns import compile_patterns, pattern_value, peft_targets  # noqa: F401  (re-exported)
 
 PEFT_PREFIX = "base_model.model."
 LORA_MARKERS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B",
@@ -130,62 +131,6 @@ def parse_key(key: str) -> ParsedKey | str:
     if len(seg) < 2:
         return ParsedKey(key, "", "replace", seg[0])
     return ParsedKey(key, ".".join(seg[:-1]), "replace", seg[-1])
-
-
-def compile_patterns(patterns: Mapping[str, Any], field: str) -> list[tuple[re.Pattern[str], Any]]:
-    """PEFT's rank_pattern/alpha_pattern matching (peft >= 0.15): `(.*\\.)?(p)$`, first match in order."""
-    out = []
-    for p, v in patterns.items():
-        try:
-            out.append((re.compile(rf"(.*\.)?({p})$"), v))
-        except re.error as exc:
-            raise ValueError(f"{field} key {p!r} is not a valid regular expression ({exc})") from None
-    return out
-
-
-def pattern_value(compiled: Sequence[tuple[re.Pattern[str], Any]], module: str, default: Any) -> Any:
-    for rx, value in compiled:
-        if rx.match(module):
-            return value
-    return default
-
-
-def _layer_index(module: str, layers_pattern: Any) -> int | None:
-    pats = layers_pattern if isinstance(layers_pattern, list) else ([layers_pattern] if layers_pattern else [])
-    if not pats:
-        m = re.match(r".*\.[^.]*\.(\d+)\.", module)
-        return int(m.group(1)) if m else None
-    for p in pats:
-        m = re.match(rf".*\.{p}\.(\d+)\.", module)
-        if m:
-            return int(m.group(1))
-    return None
-
-
-def peft_targets(module: str, target_modules: Any, exclude_modules: Any = None,
-                 layers_to_transform: Any = None, layers_pattern: Any = None) -> bool | None:
-    """Would PEFT put a LoRA layer on `module` given the config? None when the config cannot tell
-    (e.g. 'all-linear' depends on module classes)."""
-    def matches(spec: Any) -> bool | None:
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            if spec == "all-linear":
-                return None
-            return re.fullmatch(spec, module) is not None
-        return module in spec or any(module.endswith("." + t) for t in spec)
-
-    if matches(exclude_modules):
-        return False
-    hit = matches(target_modules)
-    if hit is False:
-        return False
-    if layers_to_transform is not None:
-        wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
-        idx = _layer_index(module, layers_pattern)
-        if idx is None or idx not in wanted:
-            return False
-    return hit
 
 
 def is_conv1d_module(module: str, model_type: str | None, fan_in_fan_out: bool) -> bool:

@@ -14,7 +14,7 @@ from stream_merge.checkpoint import read_index
 from stream_merge.errors import UnsupportedAdapterError
 from stream_merge.keymap import (TargetResolver, compile_patterns, is_conv1d_module, parse_key, pattern_value,
                                  peft_targets)
-from stream_merge.planner import build_plan
+from stream_merge.planner import PlanOptions, build_plan
 
 P = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -115,6 +115,27 @@ def test_peft_target_selection() -> None:
     assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"], layers_to_transform=[0]) is False
     assert peft_targets("model.layers.1.self_attn.q_proj", r".*\.q_proj") is True
     assert peft_targets("model.layers.1.self_attn.q_proj", "all-linear") is None
+
+
+def test_unselected_modules_warn_and_strict_refuses(pair: tuple[Path, Path]) -> None:
+    """Weights for modules that target_modules does not select are applied with a warning (an error with
+    --strict); a module that target_parameters selects (PEFT's converted MoE router `gate.weight`) is selected."""
+    base, adapter = pair
+    edit_json(adapter / "adapter_config.json", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    plan = _plan(base, adapter)
+    assert len(plan.warnings) == 2 * 3 and all("PEFT would ignore" in w for w in plan.warnings)
+    assert {w.split("'")[1].rsplit(".", 1)[-1] for w in plan.warnings} == {"gate_proj", "up_proj", "down_proj"}
+    strict = build_plan(read_index(base), [load_adapter(adapter)], PlanOptions(strict=True))
+    assert len(strict.problems) == 6 and not strict.warnings
+    for targets in (["gate_proj.weight", "up_proj.weight", "down_proj.weight"], ["mlp.gate_proj.weight",
+                    "layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight", "mlp.down_proj.weight"]):
+        edit_json(adapter / "adapter_config.json", target_parameters=targets)
+        strict = build_plan(read_index(base), [load_adapter(adapter)], PlanOptions(strict=True))
+        assert not strict.problems and not strict.warnings, strict.problems
+        assert len(strict.mapping) == 14
+    edit_json(adapter / "adapter_config.json", target_parameters=["gate_proj.bias", "up_proj.weight"])
+    plan = _plan(base, adapter)
+    assert {w.split("'")[1].rsplit(".", 1)[-1] for w in plan.warnings} == {"gate_proj", "down_proj"}
 
 
 def test_conv1d_decision_for_square_weights() -> None:
