@@ -27,6 +27,8 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str
 
     from .adapter import AdapterReader
     from .safetensors_io import ShardReader
+    from .shard_rows import OtherShards
+    from .sources import LocalSource
     from .worker import Compute, merge_shard
 
     hook = os.environ.get(FAIL_ONCE_ENV, "")
@@ -48,11 +50,13 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str
             progress_actor.add.remote(pending)  # type: ignore[attr-defined]
             pending = 0
 
+    base = LocalSource(spec=base_dir, path=Path(base_dir))
+    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
     try:
         with ShardReader(Path(base_dir) / file, header) as reader:
             res = merge_shard(shard, reader, adapters, Path(out) / file,
                               Compute(device=torch.device(device), block_bytes=block_bytes,
-                                      check_finite=check_finite), on_bytes, checksum)
+                                      check_finite=check_finite), on_bytes, checksum, others)
     finally:
         for a in adapters:
             a.close()

@@ -2,7 +2,7 @@
 
 The index is written last, so its presence means the output is complete; the journal (one atomic write per
 finished shard) makes any interruption resumable by re-running the same command. The rules for resuming live
-in `resume`, the local shard loop in `shard_loop`, Ray in `ray_runner`, completion in `finalize`, the lock
+in `resume`, the local shard loop in `shard_loop`, Ray in `ray_runner`, completion in `completion`, the lock
 in `locking`.
 """
 
@@ -23,11 +23,11 @@ import torch
 from .adapter import load_adapter
 from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
-from .config import MergeConfig
+from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, OutputError, PlanError
 from .extras import RECORD_NAME
 from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
-from .finalize import finalize_output, printable, shipped_files
+from .completion import finalize_output, printable, shipped_files
 from .journal import SHARDS_DIR, Journal
 from .locking import out_lock
 from .partition import parse_worker, split
@@ -42,7 +42,7 @@ from .sources import DOWNLOADS_DIR, Source, resolve_source
 from .worker import Compute, compute_threads, torch_settings
 
 log = logging.getLogger("stream_merge")
-__all__ = ["run", "plan_merge", "finalize", "config_from_journal", "resolve_device", "peak_rss_bytes"]
+__all__ = ["run", "plan_merge", "finalize", "resolve_device", "peak_rss_bytes"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,7 +140,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
@@ -148,7 +148,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
         base_name = cfg.base.split("@", 1)[0] if base_src.kind == "hub" else cfg.base  # the id, not the revision
         findings += compatibility_findings(base_name, base.config, src.spec, spec.raw_config, model_cfg)
     if plan.problems:
-        raise PlanError(plan.problems)
+        raise PlanError(plan.problems, plan=plan)
     if findings and cfg.strict:
         raise CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
     for w in list(plan.warnings) + findings:
@@ -280,12 +280,10 @@ def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: li
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=printable(str(out))) from None
-    options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize")}
-    options["device"] = device.type  # CPU and CUDA GEMMs round differently: the kind decides the last bits
+    options = recorded_options(cfg, device.type)  # the device kind among them: it decides the last bits
     inputs = inputs_record(base_src, adapter_srcs, plan, cfg.checksums)
     return _MergeRun(cfg, plan, base_src, adapter_srcs, findings, out, device, options, inputs,
-                     fingerprint(plan, inputs, options), mine)
+                     fingerprint(plan, inputs, fingerprint_options(cfg, device.type)), mine)
 
 
 def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
@@ -336,22 +334,6 @@ def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:
     return set(split([(s.file, s.in_bytes) for s in plan.shards], n)[i])
 
 
-def config_from_journal(inputs: dict[str, Any], options: dict[str, Any], output: str | None = None) -> MergeConfig:
-    """The MergeConfig that produced a journal/record: inputs pinned to their recorded revisions."""
-    from .config import build_config
-
-    def spec(entry: dict[str, Any]) -> str:
-        if entry.get("revision"):
-            return f"{entry['spec'].split('@')[0]}@{entry['revision']}"
-        return entry["path"]
-
-    return build_config(base=spec(inputs["base"]), adapters=[spec(a) for a in inputs["adapters"]],
-                        weights=[a["weight"] for a in inputs["adapters"]], output=output,
-                        key_map=options.get("key_map") or None, allow_pickle=options.get("allow_pickle", False),
-                        untie=options.get("untie", False), dequantize=options.get("dequantize", False),
-                        strict=options.get("strict", False), check_finite=options.get("check_finite", True))
-
-
 def finalize(output: str | Path) -> MergeReport:
     """`stream-merge finalize OUT`: after partitioned workers, check that the journal still matches the inputs
     and that every shard is finished (the one definition in `journal.shard_finished`), then write the side
@@ -367,7 +349,7 @@ def finalize(output: str | Path) -> MergeReport:
     if journal is None:
         raise OutputError("no stream-merge journal in this folder", file=str(out),
                           fix="run `stream-merge merge ... -o OUT` (or its --worker runs) first")
-    cfg = config_from_journal(journal.inputs, journal.options, str(out))
+    cfg = config_from_record(journal.inputs, journal.options, str(out))
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
     checksums = any("sha256" in f for f in (journal.inputs.get("base", {}).get("files") or {}).values())
     inputs = inputs_record(base_src, adapter_srcs, plan, checksums)
@@ -376,7 +358,9 @@ def finalize(output: str | Path) -> MergeReport:
             journal = load_journal_or_record(out)[0]
             if journal is None:
                 raise OutputError("the journal was removed meanwhile", file=str(out), fix="re-run finalize")
-            check_same_merge(journal, fingerprint(plan, inputs, journal.options), inputs, journal.options, out)
+            keys = fingerprint_options(cfg, str(journal.options.get("device", "cpu")))  # values: as recorded
+            fp = fingerprint(plan, inputs, {k: journal.options.get(k) for k in keys})
+            check_same_merge(journal, fp, inputs, journal.options, out)
             missing = [s.file for s in plan.shards if not shard_done(out, journal, s.file)]
             if missing:
                 raise OutputError(f"{len(missing)} of {len(plan.shards)} shards are not finished or do not match "

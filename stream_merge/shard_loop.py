@@ -15,6 +15,7 @@ from .journal import Journal
 from .progress import Progress, progress_callback
 from .records import MergePlan, ShardPlan, ShardResult
 from .safetensors_io import ShardReader
+from .shard_rows import OtherShards
 from .sources import Source
 from .worker import Compute, frozen_gc, publish, write_shard
 
@@ -58,11 +59,12 @@ class _Committer:
 
 
 def _merge_one(plan: MergePlan, shard: ShardPlan, base: Source, out: Path, adapters: Sequence[AdapterReader],
-               compute: Compute, report: Progress, checksum: bool) -> tuple[AtomicFile, ShardResult]:
+               compute: Compute, report: Progress, checksum: bool, others: OtherShards
+               ) -> tuple[AtomicFile, ShardResult]:
     header = next(h for h in plan.base.shards if h.file == shard.file)
     with ShardReader(base.shard_path(shard.file), header) as reader, frozen_gc():
         return write_shard(shard, reader, adapters, out / shard.file, compute,
-                           lambda n, f=shard.file: report(n, f), checksum)
+                           lambda n, f=shard.file: report(n, f), checksum, others)
 
 
 def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
@@ -73,6 +75,7 @@ def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, don
     wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
     todo = [s for s in plan.shards if s.file in wanted and s.file not in done]
     adapters = [AdapterReader(spec) for spec in plan.adapters]
+    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
     report, bar = progress_callback(plan, wanted, progress)
     committer = _Committer(out, journal, base, pusher)
     results: list[ShardResult] = []
@@ -87,7 +90,7 @@ def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, don
             pos = todo.index(shard)
             for ahead in todo[pos:pos + 1 + prefetch]:  # this shard first, then up to `prefetch` more
                 base.prefetch(ahead.file)
-            written, res = _merge_one(plan, shard, base, out, adapters, compute, report, checksum)
+            written, res = _merge_one(plan, shard, base, out, adapters, compute, report, checksum, others)
             handed, written = written, None
             committer.submit(handed, res)
             results.append(res)
