@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,20 +156,29 @@ def load_journal(out_dir: Path) -> Journal | None:
                           fix="re-run with --fresh to start this output over") from None
 
 
+def _is_ours(name: str) -> bool:
+    """A file of the journal folder that the journal itself consists of: a shard record or a worker's lock."""
+    return (name.endswith(".json") or (name.startswith("worker-") and name.endswith(".lock"))) \
+        and not name.startswith(".")
+
+
 def remove_journal(out_dir: Path) -> None:
-    """Remove the journal (run file and shard records); one that cannot be removed is an OutputError naming it."""
+    """Remove the journal (run file, shard records, worker locks; the folder once empty). Files of other
+    runs in its folder (a temp record being written) stay. One that cannot be removed is an OutputError."""
     path = out_dir / JOURNAL_NAME
     try:
-        path.unlink(missing_ok=True)
+        if os.path.lexists(path):
+            path.unlink()
+        folder = out_dir / SHARDS_DIR
+        names = os.listdir(folder) if folder.is_dir() else []
+        for name in names:
+            if _is_ours(name):
+                path = folder / name
+                path.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot remove the old resume journal ({exc.strerror})", file=str(path),
                           fix="remove it by hand (or fix its permissions), then re-run") from None
-
-    def failed(_fn: object, failed_path: str, exc: object) -> None:
-        err = exc[1] if isinstance(exc, tuple) else exc
-        if not isinstance(err, FileNotFoundError):
-            raise OutputError(f"cannot remove the old resume journal ({getattr(err, 'strerror', err)})",
-                              file=failed_path, fix="remove it by hand (or fix its permissions), then re-run")
-
-    if os.path.lexists(out_dir / SHARDS_DIR):
-        shutil.rmtree(out_dir / SHARDS_DIR, onerror=failed)
+    try:
+        (out_dir / SHARDS_DIR).rmdir()  # only once empty: another run's temp record keeps it
+    except OSError:
+        pass
