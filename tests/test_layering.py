@@ -1,4 +1,4 @@
-"""DESIGN.md's layering rules, checked on the source: pure modules import no IO, only runner uses tqdm,
+"""DESIGN.md's layering rules, checked on the source: pure modules import no IO, only progress uses tqdm,
 only cli prints."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_plan_imports_only_records_keymap_errors() -> None:
 
 def test_only_runner_uses_tqdm_and_only_cli_prints() -> None:
     for path in PKG.glob("*.py"):
-        if path.stem != "runner":
+        if path.stem != "progress":
             assert "tqdm" not in _imports(path), path.name
         if path.stem not in ("cli",):
             assert not _prints(path), f"{path.name} prints"
