@@ -45,6 +45,10 @@ class MergeConfig:
     dequantize: bool = opt(False, coerce=o.flag, flags=("--dequantize",), record=True, fingerprint=True,
                            help="fp8 block-quantized bases: write every fp8 weight as bf16 and drop the scales, "
                                 "instead of re-quantizing the patched weights")
+    dtype: str = opt("auto", coerce=o.matching(r"auto|bf16|fp16|fp32", "auto, bf16, fp16 or fp32"), flags=("--dtype",),
+                     record=True, fingerprint=True, cli={"choices": ("auto", "bf16", "fp16", "fp32")},
+                     help="output dtype of floating tensors (default auto: each tensor keeps the base's dtype); "
+                          "integer and fp8 tensors are left alone")
     allow_pickle: bool = opt(False, coerce=o.flag, flags=("--allow-pickle",), record=True, fingerprint=True,
                              help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
     token: str | None = opt(None, coerce=o.string, flags=("--token",), repr=False, cli={"metavar": "TOKEN"},

@@ -37,6 +37,7 @@ from .progress import progress_callback
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
+from .shard_rows import OtherShards
 from .worker import Compute, compute_threads, frozen_gc, publish, torch_settings, write_shard
 
 log = logging.getLogger("stream_merge")
@@ -238,7 +239,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
@@ -411,6 +412,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                   compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None,
                   todo_files: Sequence[str] | None = None, checksum: bool = False) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
+    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
     results: list[ShardResult] = []
     wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
     progress, bar = progress_callback(plan, wanted, progress)
@@ -439,7 +441,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                 base.prefetch(ahead.file)
             with ShardReader(base.shard_path(shard.file), header) as reader, frozen_gc():
                 written, res = write_shard(shard, reader, adapters, out / shard.file, compute,
-                                           lambda n, f=shard.file: progress(n, f), checksum)
+                                           lambda n, f=shard.file: progress(n, f), checksum, others)
             if flushing is not None:
                 flushing.result()
             # fsync + rename + journal on the committer thread, overlapping the next shard's merge: the
