@@ -50,7 +50,7 @@ def test_plan_imports_only_records_keymap_errors() -> None:
     assert internal <= PURE, internal
 
 
-def test_only_runner_uses_tqdm_and_only_cli_prints() -> None:
+def test_only_progress_uses_tqdm_and_only_cli_prints() -> None:
     for path in PKG.glob("*.py"):
         if path.stem != "progress":
             assert "tqdm" not in _imports(path), path.name
