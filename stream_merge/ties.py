@@ -1,20 +1,37 @@
-"""Tied input/output embeddings: is the base tied, and what a merge may do to a tied pair.
+"""Tied weights: which tensors a model fills from another on load, and what a merge may do to them.
 
-Pure (reads no files). The planner calls `_tie_policy` once every adapter is planned: a change to a tied
-tensor is refused unless --untie, which adds a separate head tensor and sets tie_word_embeddings=false.
+Pure (reads no files). Tied-ness is decided from what the checkpoint and config say: `tie_word_embeddings`
+(transformers' default: true), the architecture's tied keys (our table in `tie_table`, else the installed
+transformers' own keys, else the Llama-like rule "lm_head from the input embedding" for language models), and
+which member of each tied pair is actually on disk. A sequence classifier therefore ties nothing, a T5/BART
+base ties its encoder/decoder embeddings and head to `shared`, a BERT masked LM ties `cls.predictions.decoder`.
+
+A change that reaches only some members of a tied group (a LoRA on the embedding or on the head) is refused
+unless --untie; trained full copies of members (modules_to_save) are written as separate tensors, as PEFT's
+merge saves them. Untying writes every tied member under the name its model class loads and sets
+`tie_word_embeddings: false`, which in transformers unties every pair of the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from .keymap import compile_patterns
+from .keymap import TargetResolver, compile_patterns
 from .records import AdapterSpec, BaseIndex, Replacement, TensorInfo, TensorPlan
+from .tie_table import ARCH_TIED_KEYS, HEADLESS_SUFFIXES, LM_SUFFIXES, UNTIE_REFUSED
 
-TIE_HELP = ("the base ties lm_head to the input embedding (tie_word_embeddings, no lm_head.weight on disk), so "
-            "changing one changes both; pass --untie to write a separate lm_head.weight and set "
+TIE_HELP = ("changing one changes all of them; pass --untie to write separate tensors and set "
             "tie_word_embeddings=false")
+
+
+@dataclass(frozen=True)
+class TieGroup:
+    """`stored` is on disk; a tied model fills each of `aliases` (names in the base's layout) from it."""
+
+    stored: str
+    aliases: tuple[str, ...]
 
 
 def _text_cfg(base: BaseIndex, key: str) -> object:
@@ -30,12 +47,9 @@ def _vocab_size(base: BaseIndex) -> int | None:
     return v if isinstance(v, int) else None
 
 
-def _tied_head(base: BaseIndex) -> bool:
-    """The base ties its output head to the input embedding: the config says so and no head is on disk."""
+def _tie_flag(base: BaseIndex) -> bool:
     tie = _text_cfg(base, "tie_word_embeddings")
-    if tie is None:
-        tie = True  # transformers' PretrainedConfig default
-    return bool(tie) and not any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in base.tensors)
+    return True if tie is None else bool(tie)  # transformers' PretrainedConfig default
 
 
 def _is_head(name: str) -> bool:
@@ -55,43 +69,205 @@ def _head_name(base: BaseIndex) -> str:
         else "lm_head.weight"
 
 
-def _tie_policy(acc: Any, adapters: Sequence[AdapterSpec], plan_module: Callable[..., None]) -> TensorPlan | None:
-    """Tied bases: refuse changes to the shared tensor, or (--untie) add a separate head. Returns the new
-    head tensor, which goes into the embedding's shard."""
-    if not _tied_head(acc.base):
+def _disk_name(base: BaseIndex, name: str) -> str:
+    """An in-memory head name in the base's layout (legacy VLM checkpoints keep `language_model.lm_head`)."""
+    return _head_name(base) if name == "lm_head.weight" else name
+
+
+def arch_tied_keys(config: Any) -> dict[str, str] | None:
+    """`target -> source` (in-memory names) for the config's architecture; None: use the language-model rule."""
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if arch is None:
         return None
-    embeds = [i for i in acc.base.tensors.values() if vocab_row_tensor(acc.base, i)]
-    touched = [n for n in list(acc.patches) + list(acc.replacements) if any(e.name == n for e in embeds)]
-    if not touched and not acc.head_modules:
-        if acc.head_base is not None:
-            acc.problems.append(f"adapter key {acc.head_base.key!r} saves an lm_head but no LoRA on lm_head uses it")
+    if arch in ARCH_TIED_KEYS:
+        return dict(ARCH_TIED_KEYS[arch])
+    if arch.endswith(LM_SUFFIXES):
         return None
-    if not acc.options.untie:
-        what = ", ".join(sorted({*touched, *(f"{m} (LoRA)" for _, m, _ in acc.head_modules)}))
-        acc.problems.append(f"the adapter changes {what}, but {TIE_HELP}")
-        return None
-    if len(embeds) != 1:
-        acc.problems.append(f"--untie: cannot tell which tensor is the tied input embedding "
-                            f"({', '.join(e.name for e in embeds) or 'none found'})")
-        return None
-    emb = embeds[0]
-    rep = acc.replacements.get(emb.name)
-    if rep is not None and rep.reason == "modules_to_save":
-        acc.problems.append(f"--untie with a trained copy of {emb.name!r} (modules_to_save) is ambiguous: the tied "
-                            "head would follow either copy; merge with an untied base instead")
-        return None
-    name = _head_name(acc.base)
+    if arch.endswith(HEADLESS_SUFFIXES):
+        return {}
+    from .hf_ties import transformers_tied_keys  # optional: transformers, where installed
+    return transformers_tied_keys(config)
+
+
+def _lm_groups(base: BaseIndex) -> tuple[TieGroup, ...]:
+    """The language-model rule: `lm_head.weight` (absent from disk) is filled from the input embedding."""
+    if any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in base.tensors):
+        return ()
+    head = _head_name(base)
+    return tuple(TieGroup(i.name, (head,)) for i in base.tensors.values() if vocab_row_tensor(base, i))
+
+
+def tie_groups(base: BaseIndex, resolver: TargetResolver) -> tuple[TieGroup, ...]:
+    """Every tied group of the base: a member on disk and the members a tied model fills from it."""
+    if not _tie_flag(base):
+        return ()
+    keys = arch_tied_keys(base.config)
+    if keys is None:
+        return _lm_groups(base)
+    groups: dict[str, list[str]] = {}
+    for target, source in keys.items():
+        t, t_via, _ = resolver.resolve(target)
+        s, s_via, _ = resolver.resolve(source)
+        if t is None and t_via == "missing" and s is not None:
+            groups.setdefault(s, []).append(_disk_name(base, target))
+        elif s is None and s_via == "missing" and t is not None:  # transformers ties the way round that exists
+            groups.setdefault(t, []).append(_disk_name(base, source))
+    return tuple(TieGroup(s, tuple(a)) for s, a in groups.items())
+
+
+def tied_alias(base: BaseIndex, resolver: TargetResolver, name: str) -> str | None:
+    """The output name of `name` (an adapter's in-memory tensor name absent from disk) if a tied model
+    fills it from a stored tensor, else None."""
+    disk = _disk_name(base, name)
+    for g in tie_groups(base, resolver):
+        if disk in g.aliases:
+            return disk
+    return None
+
+
+def add_alias_replacement(acc: Any, idx: int, key: str, target: str, reason: str, shape: tuple[int, ...]) -> bool:
+    """Record an adapter tensor that replaces a tied member absent from disk (a modules_to_save copy of the
+    head, PEFT's saved base layer of a LoRA'd head); False if `target` is not a tied member."""
+    alias = tied_alias(acc.base, acc.resolver, target)
+    if alias is None:
+        return False
+    prev = acc.replacements.get(alias)
+    if prev is not None and prev.adapter == idx and ".modules_to_save." in key:
+        if prev.shape != shape:
+            acc.problems.append(f"adapter {idx}: {key!r} and {prev.key!r} disagree on the shape of {alias!r}")
+        return True
+    if prev is not None:
+        acc.problems.append(f"{alias!r} is replaced by two adapter tensors ({prev.key!r} and {key!r})")
+        return True
+    acc.replacements[alias] = Replacement(alias, idx, key, reason, shape)
+    return True
+
+
+def _relevant(acc: Any) -> bool:
+    """Can the adapters touch a tied group at all? (Keeps the optional transformers lookup off most plans.)"""
+    if acc.head_modules or any(n not in acc.base.tensors for n in acc.replacements):
+        return True
+    vocab = _vocab_size(acc.base)
+    for name in [*acc.patches, *acc.replacements]:
+        info = acc.base.tensors.get(name)
+        if info is not None and (vocab is None or (info.shape and info.shape[0] == vocab)):
+            return True
+    return False
+
+
+@dataclass
+class _GroupState:
+    group: TieGroup
+    copied: set[str]  # members replaced by a trained full copy (modules_to_save)
+    lora: set[str]  # members with a LoRA delta
+    conflict: bool  # a delta would reach members that share one tensor
+
+
+def _group_states(acc: Any, groups: Sequence[TieGroup], alias_lora: dict[str, list]) -> list[_GroupState]:
+    out = []
+    for g in groups:
+        members = (g.stored, *g.aliases)
+        copied = {m for m in members if (r := acc.replacements.get(m)) is not None and r.reason == "modules_to_save"}
+        lora = {m for m in members if acc.patches.get(m) or alias_lora.get(m)}
+        shared = [m for m in members if m not in copied]
+        out.append(_GroupState(g, copied, lora, bool(lora & set(shared)) and len(shared) > 1))
+    return out
+
+
+def _check_saved_bases(acc: Any, groups: Sequence[TieGroup], alias_lora: dict[str, list]) -> None:
+    for g in groups:
+        for alias in g.aliases:
+            rep = acc.replacements.get(alias)
+            if rep is not None and rep.reason == "saved base layer" and not alias_lora.get(alias):
+                acc.problems.append(f"adapter key {rep.key!r} saves {alias!r} but no LoRA on it uses it")
+
+
+def _tie_policy(acc: Any, adapters: Sequence[AdapterSpec], plan_module: Callable[..., None]) -> list[TensorPlan]:
+    """Tied bases: refuse a change that would reach several tied members, or untie (--untie, or trained
+    copies of members) by adding the tied members as tensors. Returns the added tensors; each goes into its
+    source's shard."""
+    if not _relevant(acc):
+        return []
+    groups = tie_groups(acc.base, acc.resolver)
+    alias_lora: dict[str, list[tuple[int, str, dict]]] = {}
     for idx, module, roles in acc.head_modules:
-        spec = adapters[idx]
-        ranks = compile_patterns(spec.settings.rank_pattern, "rank_pattern")
-        alphas = compile_patterns(spec.settings.alpha_pattern, "alpha_pattern")
-        plan_module(acc, idx, spec, module, roles, emb, "untied", ranks, alphas, target_name=name)
+        alias = tied_alias(acc.base, acc.resolver, module + ".weight")
+        alias_lora.setdefault(alias or module + ".weight", []).append((idx, module, roles))
+    _check_saved_bases(acc, groups, alias_lora)
+    states = _group_states(acc, groups, alias_lora)
+    conflicts = [s for s in states if s.conflict]
+    if not conflicts and not any(s.copied for s in states):
+        return []
+    if conflicts and not acc.options.untie:
+        for s in conflicts:
+            what = ", ".join(sorted(f"{m} (LoRA)" if m in alias_lora else m for m in s.lora))
+            acc.problems.append(f"the adapter changes {what}, but the base ties {', '.join(s.group.aliases)} to "
+                                f"{s.group.stored!r} (tie_word_embeddings, not on disk), so {TIE_HELP}")
+        return []
+    why = UNTIE_REFUSED.get(str(_text_cfg(acc.base, "model_type")))
+    if why is not None:
+        what = "--untie" if conflicts else "writing the trained copies of tied tensors (modules_to_save)"
+        acc.problems.append(f"{what}: cannot untie this base: {why}; merge into an untied checkpoint or keep the "
+                            "tied embeddings out of the adapter")
+        return []
+    return _untie(acc, adapters, groups, alias_lora, plan_module)
+
+
+def _untie(acc: Any, adapters: Sequence[AdapterSpec], groups: Sequence[TieGroup], alias_lora: dict[str, list],
+           plan_module: Callable[..., None]) -> list[TensorPlan]:
+    """Every tied member as its own tensor: its trained copy, else the stored tensor (after a saved base
+    layer) plus the member's own LoRA delta. `tie_word_embeddings: false` unties all pairs at once."""
+    owners: dict[str, list[str]] = {}
+    for g in groups:
+        for alias in g.aliases:
+            owners.setdefault(alias, []).append(g.stored)
+    for alias, stored in owners.items():
+        if len(stored) > 1:
+            acc.problems.append(f"--untie: cannot tell which tensor {alias!r} is tied to ({', '.join(stored)}); "
+                                "add a key_map rule or fix the config's architectures")
+            return []
+    added: list[tuple[TensorPlan, TensorInfo, Replacement | None]] = []
+    for g in groups:
+        info = acc.base.tensors[g.stored]
+        stored_rep = acc.replacements.get(g.stored)
+        base_rep = stored_rep if stored_rep is not None and stored_rep.reason != "modules_to_save" else None
+        for alias in g.aliases:
+            for idx, module, roles in alias_lora.get(alias, ()):
+                spec = adapters[idx]
+                ranks = compile_patterns(spec.settings.rank_pattern, "rank_pattern")
+                alphas = compile_patterns(spec.settings.alpha_pattern, "alpha_pattern")
+                plan_module(acc, idx, spec, module, roles, info, "untied", ranks, alphas, target_name=alias)
+            rep = acc.replacements.get(alias) or base_rep
+            plan = TensorPlan(name=alias, dtype=info.dtype, shape=rep.shape if rep else info.shape, source=info,
+                              replace=Replacement(alias, rep.adapter, rep.key, rep.reason, rep.shape) if rep else None,
+                              patches=tuple(acc.patches.get(alias, ())))
+            added.append((plan, info, rep))
+    # resizing copies first, so that every member is checked against the final vocabulary
+    added.sort(key=lambda x: x[2] is None or x[2].shape == x[1].shape)
+    if not all([_check_shape(acc, plan, info, rep) for plan, info, rep in added]):
+        return []
     acc.config_updates["tie_word_embeddings"] = False
-    head_rep = acc.head_base or rep
-    if head_rep is not None and head_rep.shape != (rep.shape if rep else emb.shape):
-        acc.problems.append(f"--untie: {head_rep.key!r} has shape {list(head_rep.shape)} but the embedding is "
-                            f"{list(rep.shape if rep else emb.shape)}")
-        return None
-    return TensorPlan(name=name, dtype=emb.dtype, shape=head_rep.shape if head_rep else emb.shape, source=emb,
-                      replace=Replacement(name, head_rep.adapter, head_rep.key, head_rep.reason, head_rep.shape)
-                      if head_rep else None, patches=tuple(acc.patches.get(name, ())))
+    return [plan for plan, _, _ in added]
+
+
+def _check_shape(acc: Any, plan: TensorPlan, info: TensorInfo, rep: Replacement | None) -> bool:
+    """An added member must fit the (possibly resized) vocabulary like every other vocabulary tensor."""
+    vocab, new = _vocab_size(acc.base), acc.config_updates.get("vocab_size")
+    if rep is not None and rep.shape != info.shape:
+        resized = (len(rep.shape) == len(info.shape) and rep.shape[1:] == info.shape[1:]
+                   and vocab is not None and info.shape[0] == vocab)
+        if not resized:
+            acc.problems.append(f"{rep.key!r} has shape {list(rep.shape)} but {info.name!r}, the tensor "
+                                f"{plan.name!r} is tied to, is {list(info.shape)}")
+            return False
+        if new is not None and new != rep.shape[0]:
+            acc.problems.append(f"the adapter resizes the vocabulary to {rep.shape[0]} rows in {rep.key!r} "
+                                f"but to {new} elsewhere")
+            return False
+        acc.config_updates["vocab_size"] = rep.shape[0]
+    elif new is not None and vocab is not None and plan.shape and plan.shape[0] == vocab != new:
+        acc.problems.append(f"the adapter resizes the vocabulary to {new} but {plan.name!r} (tied to "
+                            f"{info.name!r}) keeps {vocab} rows")
+        return False
+    return True
