@@ -41,7 +41,7 @@ class _Acc:
     mapping: list[ModuleMapping] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
-    head_base: Replacement | None = None  # PEFT's saved `lm_head.base_layer.weight` on a tied base
+    tie_groups: tuple | None = None  # ties.groups_of: the base's tied groups, computed once
     fp8_block: tuple[int, int] | None = None  # fp8 block-quantized base: the scale block shape
 
     def resolve(self, name: str, what: str) -> tuple[TensorInfo | None, str]:
@@ -368,7 +368,7 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
     _plan_replacements(acc, idx, spec, replace, vocab)
     for pk in originals:
         target, _, _ = acc.resolver.resolve(pk.replace_target)
-        rep = acc.replacements.get(target or tied_alias(acc.base, acc.resolver, pk.replace_target) or "")
+        rep = acc.replacements.get(target or tied_alias(acc, pk.replace_target) or "")
         if rep is None or rep.adapter != idx:
             acc.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original module but "
                                 "the file has no trained copy of it to merge")
@@ -405,7 +405,7 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
         if info is None:
             if via == "ambiguous":
                 continue
-            if tied_alias(acc.base, acc.resolver, module + ".weight") is not None:
+            if tied_alias(acc, module + ".weight") is not None:
                 acc.head_modules.append((idx, module, roles))  # LoRA on a tied member absent from disk
             else:
                 acc.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); is this "

@@ -98,15 +98,26 @@ def _lm_groups(base: BaseIndex) -> tuple[TieGroup, ...]:
     return tuple(TieGroup(i.name, (head,)) for i in base.tensors.values() if vocab_row_tensor(base, i))
 
 
+def _encoder_decoder_keys(base: BaseIndex) -> dict[str, str]:
+    """`tie_encoder_decoder` (transformers 4 EncoderDecoderModel): each decoder weight absent from disk
+    whose encoder twin is stored is filled from it."""
+    if not _text_cfg(base, "tie_encoder_decoder"):
+        return {}
+    out = {}
+    for name in base.tensors:
+        if name.startswith("encoder.") or ".encoder." in name:
+            twin = name.replace("encoder.", "decoder.", 1) if name.startswith("encoder.") \
+                else name.replace(".encoder.", ".decoder.", 1)
+            if twin not in base.tensors:
+                out[twin] = name
+    return out
+
+
 def tie_groups(base: BaseIndex, resolver: TargetResolver) -> tuple[TieGroup, ...]:
     """Every tied group of the base: a member on disk and the members a tied model fills from it."""
-    if not _tie_flag(base):
-        return ()
-    keys = arch_tied_keys(base.config)
-    if keys is None:
-        return _lm_groups(base)
-    groups: dict[str, list[str]] = {}
-    for target, source in keys.items():
+    keys = arch_tied_keys(base.config) if _tie_flag(base) else {}
+    groups = {g.stored: list(g.aliases) for g in (_lm_groups(base) if keys is None else ())}
+    for target, source in {**(keys or {}), **_encoder_decoder_keys(base)}.items():
         t, t_via, _ = resolver.resolve(target)
         s, s_via, _ = resolver.resolve(source)
         if t is None and t_via == "missing" and s is not None:
@@ -116,11 +127,18 @@ def tie_groups(base: BaseIndex, resolver: TargetResolver) -> tuple[TieGroup, ...
     return tuple(TieGroup(s, tuple(a)) for s, a in groups.items())
 
 
-def tied_alias(base: BaseIndex, resolver: TargetResolver, name: str) -> str | None:
+def groups_of(acc: Any) -> tuple[TieGroup, ...]:
+    """`tie_groups` of the planner's base, computed once per plan (kept on the planner's scratch state)."""
+    if acc.tie_groups is None:
+        acc.tie_groups = tie_groups(acc.base, acc.resolver)
+    return acc.tie_groups
+
+
+def tied_alias(acc: Any, name: str) -> str | None:
     """The output name of `name` (an adapter's in-memory tensor name absent from disk) if a tied model
     fills it from a stored tensor, else None."""
-    disk = _disk_name(base, name)
-    for g in tie_groups(base, resolver):
+    disk = _disk_name(acc.base, name)
+    for g in groups_of(acc):
         if disk in g.aliases:
             return disk
     return None
@@ -129,7 +147,7 @@ def tied_alias(base: BaseIndex, resolver: TargetResolver, name: str) -> str | No
 def add_alias_replacement(acc: Any, idx: int, key: str, target: str, reason: str, shape: tuple[int, ...]) -> bool:
     """Record an adapter tensor that replaces a tied member absent from disk (a modules_to_save copy of the
     head, PEFT's saved base layer of a LoRA'd head); False if `target` is not a tied member."""
-    alias = tied_alias(acc.base, acc.resolver, target)
+    alias = tied_alias(acc, target)
     if alias is None:
         return False
     prev = acc.replacements.get(alias)
@@ -146,7 +164,8 @@ def add_alias_replacement(acc: Any, idx: int, key: str, target: str, reason: str
 
 def _relevant(acc: Any) -> bool:
     """Can the adapters touch a tied group at all? (Keeps the optional transformers lookup off most plans.)"""
-    if acc.head_modules or any(n not in acc.base.tensors for n in acc.replacements):
+    if acc.head_modules or any(n not in acc.base.tensors for n in acc.replacements) \
+            or _text_cfg(acc.base, "tie_encoder_decoder"):
         return True
     vocab = _vocab_size(acc.base)
     for name in [*acc.patches, *acc.replacements]:
@@ -189,10 +208,10 @@ def _tie_policy(acc: Any, adapters: Sequence[AdapterSpec], plan_module: Callable
     source's shard."""
     if not _relevant(acc):
         return []
-    groups = tie_groups(acc.base, acc.resolver)
+    groups = groups_of(acc)
     alias_lora: dict[str, list[tuple[int, str, dict]]] = {}
     for idx, module, roles in acc.head_modules:
-        alias = tied_alias(acc.base, acc.resolver, module + ".weight")
+        alias = tied_alias(acc, module + ".weight")
         alias_lora.setdefault(alias or module + ".weight", []).append((idx, module, roles))
     _check_saved_bases(acc, groups, alias_lora)
     states = _group_states(acc, groups, alias_lora)
@@ -248,6 +267,8 @@ def _untie(acc: Any, adapters: Sequence[AdapterSpec], groups: Sequence[TieGroup]
     if not all([_check_shape(acc, plan, info, rep) for plan, info, rep in added]):
         return []
     acc.config_updates["tie_word_embeddings"] = False
+    if _text_cfg(acc.base, "tie_encoder_decoder"):
+        acc.config_updates["tie_encoder_decoder"] = False
     return [plan for plan, _, _ in added]
 
 
