@@ -43,8 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", default=None,
                    help="treat compatibility warnings (adapter trained on another model) as errors")
     p.add_argument("--untie", action="store_true", default=None,
-                   help="for bases that tie lm_head to embed_tokens: write a separate lm_head.weight so an adapter "
-                        "may change either one (sets tie_word_embeddings=false)")
+                   help="for bases with tied weights (lm_head and embed_tokens, T5/BART shared, BERT MLM head): "
+                        "write each tied tensor separately so an adapter may change one (sets "
+                        "tie_word_embeddings=false)")
     p.add_argument("--dequantize", action="store_true", default=None,
                    help="fp8 block-quantized bases: write every fp8 weight as bf16 and drop the scales, instead of "
                         "re-quantizing the patched weights")

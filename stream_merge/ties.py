@@ -194,12 +194,26 @@ def _group_states(acc: Any, groups: Sequence[TieGroup], alias_lora: dict[str, li
     return out
 
 
-def _check_saved_bases(acc: Any, groups: Sequence[TieGroup], alias_lora: dict[str, list]) -> None:
-    for g in groups:
-        for alias in g.aliases:
-            rep = acc.replacements.get(alias)
-            if rep is not None and rep.reason == "saved base layer" and not alias_lora.get(alias):
-                acc.problems.append(f"adapter key {rep.key!r} saves {alias!r} but no LoRA on it uses it")
+def _shared_base(acc: Any, g: TieGroup) -> Replacement | None:
+    """The adapter's new value of the tensor a group shares, if any: PEFT loads a saved base layer (or a
+    `bias="all"` bias) of any tied member into the one shared parameter, so it is every untrained member's
+    base (PEFT saves one per member name when the vocabulary was resized). Also becomes the stored tensor's
+    replacement when only an absent member carried it."""
+    reps = [r for m in (g.stored, *g.aliases)
+            if (r := acc.replacements.get(m)) is not None and r.reason != "modules_to_save"]
+    if not reps:
+        return None
+    if len({r.shape for r in reps}) > 1:
+        acc.problems.append(f"tied tensors {', '.join(repr(r.key) for r in reps)} (one shared tensor, "
+                            f"{g.stored!r}) have different shapes {', '.join(str(list(r.shape)) for r in reps)}")
+        return None
+    if g.stored not in acc.replacements:
+        info = acc.base.tensors[g.stored]
+        acc.replacements[g.stored] = Replacement(g.stored, reps[0].adapter, reps[0].key, reps[0].reason,
+                                                 reps[0].shape)
+        if not _fits_vocab(acc, g.stored, info, reps[0]):
+            return None
+    return reps[0]
 
 
 def _tie_policy(acc: Any, adapters: Sequence[AdapterSpec], plan_module: Callable[..., None]) -> list[TensorPlan]:
@@ -213,7 +227,7 @@ def _tie_policy(acc: Any, adapters: Sequence[AdapterSpec], plan_module: Callable
     for idx, module, roles in acc.head_modules:
         alias = tied_alias(acc, module + ".weight")
         alias_lora.setdefault(alias or module + ".weight", []).append((idx, module, roles))
-    _check_saved_bases(acc, groups, alias_lora)
+    bases = {g.stored: _shared_base(acc, g) for g in groups}
     states = _group_states(acc, groups, alias_lora)
     conflicts = [s for s in states if s.conflict]
     if not conflicts and not any(s.copied for s in states):
@@ -230,13 +244,14 @@ def _tie_policy(acc: Any, adapters: Sequence[AdapterSpec], plan_module: Callable
         acc.problems.append(f"{what}: cannot untie this base: {why}; merge into an untied checkpoint or keep the "
                             "tied embeddings out of the adapter")
         return []
-    return _untie(acc, adapters, groups, alias_lora, plan_module)
+    return _untie(acc, adapters, groups, bases, alias_lora, plan_module)
 
 
-def _untie(acc: Any, adapters: Sequence[AdapterSpec], groups: Sequence[TieGroup], alias_lora: dict[str, list],
-           plan_module: Callable[..., None]) -> list[TensorPlan]:
-    """Every tied member as its own tensor: its trained copy, else the stored tensor (after a saved base
-    layer) plus the member's own LoRA delta. `tie_word_embeddings: false` unties all pairs at once."""
+def _untie(acc: Any, adapters: Sequence[AdapterSpec], groups: Sequence[TieGroup], bases: dict[str, Any],
+           alias_lora: dict[str, list], plan_module: Callable[..., None]) -> list[TensorPlan]:
+    """Every tied member as its own tensor: its trained copy, else the shared base (the stored tensor or
+    the adapter's saved base layer) plus the member's own LoRA delta. `tie_word_embeddings: false` unties
+    all pairs at once."""
     owners: dict[str, list[str]] = {}
     for g in groups:
         for alias in g.aliases:
@@ -248,23 +263,23 @@ def _untie(acc: Any, adapters: Sequence[AdapterSpec], groups: Sequence[TieGroup]
             return []
     added: list[tuple[TensorPlan, TensorInfo, Replacement | None]] = []
     for g in groups:
-        info = acc.base.tensors[g.stored]
-        stored_rep = acc.replacements.get(g.stored)
-        base_rep = stored_rep if stored_rep is not None and stored_rep.reason != "modules_to_save" else None
+        info, base_rep = acc.base.tensors[g.stored], bases[g.stored]
+        seen = TensorInfo(info.name, info.dtype, base_rep.shape, info.start, info.end) if base_rep else info
         for alias in g.aliases:
             for idx, module, roles in alias_lora.get(alias, ()):
                 spec = adapters[idx]
                 ranks = compile_patterns(spec.settings.rank_pattern, "rank_pattern")
                 alphas = compile_patterns(spec.settings.alpha_pattern, "alpha_pattern")
-                plan_module(acc, idx, spec, module, roles, info, "untied", ranks, alphas, target_name=alias)
-            rep = acc.replacements.get(alias) or base_rep
+                plan_module(acc, idx, spec, module, roles, seen, "untied", ranks, alphas, target_name=alias)
+            own = acc.replacements.get(alias)
+            rep = own if own is not None and own.reason == "modules_to_save" else base_rep
             plan = TensorPlan(name=alias, dtype=info.dtype, shape=rep.shape if rep else info.shape, source=info,
                               replace=Replacement(alias, rep.adapter, rep.key, rep.reason, rep.shape) if rep else None,
                               patches=tuple(acc.patches.get(alias, ())))
             added.append((plan, info, rep))
     # resizing copies first, so that every member is checked against the final vocabulary
     added.sort(key=lambda x: x[2] is None or x[2].shape == x[1].shape)
-    if not all([_check_shape(acc, plan, info, rep) for plan, info, rep in added]):
+    if not all([_fits_vocab(acc, plan.name, info, rep) for plan, info, rep in added]):
         return []
     acc.config_updates["tie_word_embeddings"] = False
     if _text_cfg(acc.base, "tie_encoder_decoder"):
@@ -272,23 +287,24 @@ def _untie(acc: Any, adapters: Sequence[AdapterSpec], groups: Sequence[TieGroup]
     return [plan for plan, _, _ in added]
 
 
-def _check_shape(acc: Any, plan: TensorPlan, info: TensorInfo, rep: Replacement | None) -> bool:
-    """An added member must fit the (possibly resized) vocabulary like every other vocabulary tensor."""
+def _fits_vocab(acc: Any, name: str, info: TensorInfo, rep: Replacement | None) -> bool:
+    """A tied member written from `info` (or from `rep`, which may resize the vocabulary) must fit the
+    vocabulary like every other vocabulary tensor; a resize is recorded as the config's new vocab_size."""
     vocab, new = _vocab_size(acc.base), acc.config_updates.get("vocab_size")
     if rep is not None and rep.shape != info.shape:
         resized = (len(rep.shape) == len(info.shape) and rep.shape[1:] == info.shape[1:]
                    and vocab is not None and info.shape[0] == vocab)
         if not resized:
             acc.problems.append(f"{rep.key!r} has shape {list(rep.shape)} but {info.name!r}, the tensor "
-                                f"{plan.name!r} is tied to, is {list(info.shape)}")
+                                f"{name!r} is tied to, is {list(info.shape)}")
             return False
         if new is not None and new != rep.shape[0]:
             acc.problems.append(f"the adapter resizes the vocabulary to {rep.shape[0]} rows in {rep.key!r} "
                                 f"but to {new} elsewhere")
             return False
         acc.config_updates["vocab_size"] = rep.shape[0]
-    elif new is not None and vocab is not None and plan.shape and plan.shape[0] == vocab != new:
-        acc.problems.append(f"the adapter resizes the vocabulary to {new} but {plan.name!r} (tied to "
+    elif new is not None and vocab is not None and info.shape and info.shape[0] == vocab != new:
+        acc.problems.append(f"the adapter resizes the vocabulary to {new} but {name!r} (tied to "
                             f"{info.name!r}) keeps {vocab} rows")
         return False
     return True

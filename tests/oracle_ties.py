@@ -89,18 +89,32 @@ def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
         return model.eval()(**inputs).logits
 
 
+def _load(cls_name: str, base_dir: Path, resize_vocab: int | None) -> torch.nn.Module:
+    model = model_class(cls_name).from_pretrained(base_dir, dtype="auto")
+    if resize_vocab is not None:
+        model.resize_token_embeddings(resize_vocab)  # the adapter's saved tensors overwrite every row
+    return model
+
+
 def unmerged_logits(cls_name: str, base_dir: Path, adapter_dir: Path, inputs: dict[str, torch.Tensor],
-                    strict: bool = True) -> torch.Tensor:
+                    strict: bool = True, resize_vocab: int | None = None) -> torch.Tensor:
     """Logits of the adapter applied by PEFT without merging (what a semantically correct merge computes)."""
-    model = model_class(cls_name).from_pretrained(base_dir, dtype="auto")
-    return forward(load_peft_checked(model, adapter_dir, strict=strict), inputs)
+    return forward(load_peft_checked(_load(cls_name, base_dir, resize_vocab), adapter_dir, strict=strict), inputs)
 
 
-def peft_merged_logits(cls_name: str, base_dir: Path, adapter_dir: Path, inputs: dict[str, torch.Tensor]
-                       ) -> torch.Tensor:
+def peft_merged_logits(cls_name: str, base_dir: Path, adapter_dir: Path, inputs: dict[str, torch.Tensor],
+                       resize_vocab: int | None = None) -> torch.Tensor:
     """Logits of PEFT's own ``merge_and_unload`` (no save)."""
-    model = model_class(cls_name).from_pretrained(base_dir, dtype="auto")
-    return forward(load_peft_checked(model, adapter_dir, strict=False).merge_and_unload(), inputs)
+    model = load_peft_checked(_load(cls_name, base_dir, resize_vocab), adapter_dir, strict=False)
+    return forward(model.merge_and_unload(), inputs)
+
+
+def peft_merged_folder(cls_name: str, base_dir: Path, adapter_dir: Path, out: Path,
+                       resize_vocab: int | None = None) -> Path:
+    """PEFT's ``merge_and_unload`` saved with ``save_pretrained`` into ``out`` (config included)."""
+    model = load_peft_checked(_load(cls_name, base_dir, resize_vocab), adapter_dir, strict=False)
+    model.merge_and_unload().save_pretrained(out)
+    return out
 
 
 def folder_logits(cls_name: str, folder: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -27,9 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oracle import assert_bitwise_equal, load_folder_tensors, merge_twice, peft_merged_pretrained
-from oracle_ties import (folder_logits, inputs_for, make_peft_adapter, make_tiny, model_class, peft_merged_logits,
-                         to_fp32_pair, unmerged_logits)
+from oracle import (assert_bitwise_equal, load_folder_tensors, lora_delta, merge_once, merge_twice,
+                    peft_merged_pretrained)
+from oracle_ties import (folder_logits, inputs_for, make_peft_adapter, make_tiny, model_class, peft_merged_folder,
+                         peft_merged_logits, to_fp32_pair, unmerged_logits)
 
 BF16 = torch.bfloat16
 
@@ -203,13 +204,7 @@ def test_tied_base_with_trained_embedding_copies(case: str, tmp_path: Path) -> N
     base = make_tiny(tmp_path / "base", cls, "llama", tie_word_embeddings=True)
     adapter = make_peft_adapter(base, cls, tmp_path / "adapter", resize_vocab=resize, r=4, lora_alpha=6,
                                 task_type="CAUSAL_LM", target_modules=["q_proj"], modules_to_save=save)
-    peft_dir = tmp_path / "peft"
-    model = model_class(cls).from_pretrained(base, dtype=BF16)
-    if resize is not None:
-        model.resize_token_embeddings(resize)  # the adapter's copies overwrite every row
-    from oracle import load_peft_checked
-
-    load_peft_checked(model, adapter, strict=False).merge_and_unload().save_pretrained(peft_dir)
+    peft_dir = peft_merged_folder(cls, base, adapter, tmp_path / "peft", resize)
     peft = load_folder_tensors(peft_dir)
     assert _config(peft_dir)["tie_word_embeddings"] is False and "lm_head.weight" in peft
 
@@ -220,3 +215,51 @@ def test_tied_base_with_trained_embedding_copies(case: str, tmp_path: Path) -> N
     assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == (resize or _config(base)["vocab_size"])
     ids = inputs_for("llama")
     assert torch.equal(folder_logits(cls, out, ids), folder_logits(cls, peft_dir, ids))
+
+
+def test_tied_base_resized_vocabulary_lora_elsewhere(tmp_path: Path) -> None:
+    """Added tokens with a LoRA on q_proj only: PEFT saves the resized shared tensor under both tied names
+    (``model.embed_tokens.weight`` and ``lm_head.weight``); nothing is untied, exactly PEFT's saved merge."""
+    cls = "LlamaForCausalLM"
+    base = make_tiny(tmp_path / "base", cls, "llama", tie_word_embeddings=True)
+    adapter = make_peft_adapter(base, cls, tmp_path / "adapter", resize_vocab=104, r=4, lora_alpha=6,
+                                task_type="CAUSAL_LM", target_modules=["q_proj"])
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= \
+        load_file(adapter / "adapter_model.safetensors").keys()
+    peft_dir = peft_merged_folder(cls, base, adapter, tmp_path / "peft", 104)
+    out = tmp_path / "out"
+    _merge(base, adapter, out)
+    assert_bitwise_equal(load_folder_tensors(out), load_folder_tensors(peft_dir))
+    assert _config(out) == {**_config(base), "vocab_size": 104} and _config(peft_dir)["tie_word_embeddings"]
+    ids = inputs_for("llama")
+    assert torch.equal(folder_logits(cls, out, ids), folder_logits(cls, peft_dir, ids))
+
+
+def test_tied_base_resized_vocabulary_lora_on_lm_head_untied(tmp_path: Path) -> None:
+    """Added tokens with a LoRA on lm_head: PEFT saves only ``lm_head.base_layer.weight`` (the resized shared
+    tensor). --untie writes it as the embedding and adds the head delta to the head only (the unmerged
+    forward; PEFT's merge adds it to the shared tensor, §7.1)."""
+    cls = "LlamaForCausalLM"
+    base = make_tiny(tmp_path / "base", cls, "llama", tie_word_embeddings=True)
+    adapter = make_peft_adapter(base, cls, tmp_path / "adapter", resize_vocab=104, r=4, lora_alpha=6,
+                                task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])
+    ad = load_file(adapter / "adapter_model.safetensors")
+    shared = ad["base_model.model.lm_head.base_layer.weight"]
+    assert shared.shape[0] == 104 and "base_model.model.model.embed_tokens.weight" not in ad
+    peft = load_folder_tensors(peft_merged_folder(cls, base, adapter, tmp_path / "peft", 104))
+    head = merge_once(shared, lora_delta(ad["base_model.model.lm_head.lora_A.weight"],
+                                         ad["base_model.model.lm_head.lora_B.weight"], 1.5))
+    assert torch.equal(peft["model.embed_tokens.weight"], head)  # PEFT: the delta lands in the shared tensor
+    _refuses(base, adapter, tmp_path / "refused", match="--untie")
+    out = tmp_path / "out"
+    _merge(base, adapter, out, untie=True)
+    assert_bitwise_equal(load_folder_tensors(out), {**peft, "model.embed_tokens.weight": shared,
+                                                    "lm_head.weight": head})
+    assert _config(out) == {**_config(base), "vocab_size": 104, "tie_word_embeddings": False}
+
+    ids = inputs_for("llama")
+    base32, adapter32 = to_fp32_pair(base, adapter, tmp_path / "fp32")
+    out32 = tmp_path / "out32"
+    _merge(base32, adapter32, out32, untie=True)
+    want = unmerged_logits(cls, base32, adapter32, ids, resize_vocab=104)
+    torch.testing.assert_close(folder_logits(cls, out32, ids), want, rtol=1e-5, atol=1e-4)
