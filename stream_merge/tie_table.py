@@ -53,13 +53,12 @@ ARCH_TIED_KEYS: Mapping[str, Mapping[str, str]] = {
     "ModernBertForMaskedLM": {"decoder.weight": "model.embeddings.tok_embeddings.weight"},
 }
 
-# Heads that read hidden states, not vocabulary rows: a model with one of these ties nothing (unless its
-# base model does, which the table above lists).
+# Without transformers (or for a class it does not know): heads that read hidden states, not vocabulary rows,
+# tie nothing (unless their base model does, which the table above lists) ...
 HEADLESS_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
                      "ForMultipleChoice", "ForImageClassification", "Model")
 
-# Architectures whose output head the default Llama-like rule covers: `lm_head.weight` filled from the input
-# embedding.
+# ... and every other class gets the Llama-like rule: `lm_head.weight` filled from the input embedding.
 LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 # model_type -> why untying cannot keep the logits.

@@ -14,7 +14,7 @@ merge saves them. Untying writes every tied member under the name its model clas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ def _text_cfg(base: BaseIndex, key: str) -> object:
     if key in cfg:
         return cfg[key]
     sub = cfg.get("text_config")
-    return sub.get(key) if isinstance(sub, dict) else None
+    return sub.get(key) if isinstance(sub, Mapping) else None
 
 
 def _vocab_size(base: BaseIndex) -> int | None:
@@ -75,19 +75,20 @@ def _disk_name(base: BaseIndex, name: str) -> str:
 
 
 def arch_tied_keys(config: Any) -> dict[str, str] | None:
-    """`target -> source` (in-memory names) for the config's architecture; None: use the language-model rule."""
-    archs = config.get("architectures") if isinstance(config, dict) else None
+    """`target -> source` (in-memory names) for the config's architecture: our table, else the installed
+    transformers' keys, else {} for heads that read no vocabulary and None (the language-model rule) otherwise."""
+    archs = config.get("architectures") if isinstance(config, Mapping) else None
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     if arch is None:
         return None
     if arch in ARCH_TIED_KEYS:
         return dict(ARCH_TIED_KEYS[arch])
-    if arch.endswith(LM_SUFFIXES):
-        return None
-    if arch.endswith(HEADLESS_SUFFIXES):
-        return {}
     from .hf_ties import transformers_tied_keys  # optional: transformers, where installed
-    return transformers_tied_keys(config)
+
+    found = transformers_tied_keys(config)
+    if found is not None:
+        return found
+    return {} if arch.endswith(HEADLESS_SUFFIXES) and not arch.endswith(LM_SUFFIXES) else None
 
 
 def _lm_groups(base: BaseIndex) -> tuple[TieGroup, ...]:

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "stream_merge"
-PURE = {"lora", "planner", "keymap", "records", "compat", "errors", "ties", "patterns"}
+PURE = {"lora", "planner", "keymap", "records", "compat", "errors", "ties", "patterns", "tie_table"}
 IO_MODULES = {"safetensors_io", "sources", "checkpoint", "adapter", "worker", "journal", "runner", "verify", "extras",
               "cli", "synthetic"}
 IO_STDLIB = {"os", "io", "shutil", "subprocess", "socket", "pathlib", "tempfile", "fcntl", "urllib", "http"}

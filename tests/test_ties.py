@@ -86,8 +86,10 @@ def test_architecture_rules() -> None:
     assert arch_tied_keys({}) is None
     for head in ("LlamaForSequenceClassification", "Qwen2ForTokenClassification", "BertModel"):
         assert arch_tied_keys({"architectures": [head]}) == {}
-    # not in the table, not a known suffix: transformers' own keys
+    # not in the table: transformers' own keys (Whisper's head is proj_out)
     assert arch_tied_keys({"architectures": ["ElectraForPreTraining"], "model_type": "electra"}) == {}
+    assert arch_tied_keys({"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}) == {
+        "proj_out.weight": "model.decoder.embed_tokens.weight"}
     assert arch_tied_keys({"architectures": ["NoSuchModelForPretraining"]}) is None
 
 
@@ -99,6 +101,8 @@ def test_transformers_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf_ties.importlib, "import_module", no_module)
     assert hf_ties.transformers_tied_keys({"architectures": ["ElectraForPreTraining"]}) is None
     assert arch_tied_keys({"architectures": ["ElectraForPreTraining"]}) is None
+    assert arch_tied_keys({"architectures": ["Qwen3MoeForSequenceClassification"]}) == {}
+    assert arch_tied_keys({"architectures": ["Qwen3MoeForCausalLM"]}) is None
     assert _groups({"model.embed_tokens.weight": EMB}, architectures=["ElectraForPreTraining"]) == {
         TieGroup("model.embed_tokens.weight", ("lm_head.weight",))}
 
@@ -130,6 +134,17 @@ GROUP_CASES: dict[str, tuple[dict, dict, set[TieGroup]]] = {
     "bart-classifier": ({"model.shared.weight": EMB}, {"architectures": ["BartForSequenceClassification"]},
                         {TieGroup("model.shared.weight", ("model.encoder.embed_tokens.weight",
                                                           "model.decoder.embed_tokens.weight"))}),
+    "gpt2": ({"transformer.wte.weight": EMB, "transformer.wpe.weight": (16, H)},
+             {"architectures": ["GPT2LMHeadModel"]}, {TieGroup("transformer.wte.weight", ("lm_head.weight",))}),
+    "gpt2-unprefixed": ({"wte.weight": EMB, "wpe.weight": (16, H)}, {"architectures": ["GPT2LMHeadModel"]},
+                        {TieGroup("wte.weight", ("lm_head.weight",))}),
+    "roberta-mlm": ({"roberta.embeddings.word_embeddings.weight": EMB, "lm_head.bias": ROW,
+                     "lm_head.dense.weight": (H, H)}, {"architectures": ["RobertaForMaskedLM"]},
+                    {TieGroup("roberta.embeddings.word_embeddings.weight", ("lm_head.decoder.weight",)),
+                     TieGroup("lm_head.bias", ("lm_head.decoder.bias",))}),
+    "distilbert-mlm": ({"distilbert.embeddings.word_embeddings.weight": EMB, "vocab_projector.bias": ROW},
+                       {"architectures": ["DistilBertForMaskedLM"]},
+                       {TieGroup("distilbert.embeddings.word_embeddings.weight", ("vocab_projector.weight",))}),
     "tie_encoder_decoder": ({"encoder.layer.0.q.weight": (H, H), "decoder.layer.0.x.weight": (H, H)},
                             {"architectures": ["EncoderDecoderModel"], "tie_encoder_decoder": True},
                             {TieGroup("encoder.layer.0.q.weight", ("decoder.layer.0.q.weight",))}),
@@ -192,3 +207,18 @@ def test_untie_with_two_candidate_embeddings_is_refused(tmp_path: Path) -> None:
     plan = build_plan(read_index(base), [load_adapter(adapter)], PlanOptions(untie=True))
     assert len(plan.problems) == 1 and "cannot tell" in plan.problems[0]
     assert all(n in plan.problems[0] for n in shapes)
+
+
+def test_only_hf_ties_imports_transformers() -> None:
+    """transformers is optional: no other module of the package imports it."""
+    import ast
+
+    pkg = Path(hf_ties.__file__).parent
+    for path in pkg.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                  and not n.level}
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        uses = "transformers" in names or ("transformers" in strings and "import_module" in path.read_text())
+        assert uses == (path.stem == "hf_ties"), path.name
