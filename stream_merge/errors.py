@@ -92,3 +92,7 @@ class MergeInterrupted(StreamMergeError):
     """Ctrl-C or SIGTERM; the output is left resumable."""
 
     exit_code = 130
+
+
+class HubError(InputError):
+    """A Hub repo, revision or file that cannot be used: not found, gated, private, offline, or corrupt."""
