@@ -11,7 +11,7 @@ import json
 import os
 import stat
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointFormatError, InputError
@@ -66,9 +66,8 @@ def check_shard_name(name: object, index_file: str) -> str:
     and no sub-folder (the output is written flat, so such a checkpoint could never be completed)."""
     ok = isinstance(name, str) and name.endswith(".safetensors") and "\\" not in name
     if ok:
-        p = PurePosixPath(name)
-        ok = (not p.is_absolute() and ".." not in p.parts and "." not in p.parts and "" not in name.split("/")
-              and name.isprintable())
+        parts = name.split("/")  # not PurePosixPath(name).parts: it drops "." parts
+        ok = not name.startswith("/") and not {"", ".", ".."} & set(parts) and name.isprintable()
     if not ok:
         raise CheckpointFormatError(
             f"index names an unsafe or invalid shard file {name!r}", file=index_file,

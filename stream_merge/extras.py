@@ -95,17 +95,6 @@ def copy_side_files(base_dir: Path, adapter_dirs: Sequence[Path], out: Path, upd
     return sorted(chosen)
 
 
-def model_card(plan: MergePlan, base_label: str, adapter_labels: Sequence[str]) -> bytes:
-    adapters = "\n".join(f"- `{a}` (weight {s.weight:g})" for a, s in zip(adapter_labels, plan.adapters))
-    front = "\n".join(["---", f"base_model: {json.dumps(base_label)}", "library_name: transformers",
-                       "tags:", "- merge", "- lora", "- stream-merge", "---", ""])
-    body = (f"# Merged model\n\nThis checkpoint is `{base_label}` with these LoRA adapters merged into its weights "
-            f"(W' = W + scale·B·A) by stream-merge:\n\n{adapters}\n\n"
-            f"{plan.patched_tensors} tensors were changed and {plan.copied_tensors} copied unchanged. "
-            f"See `{RECORD_NAME}` for the exact inputs, options and output shards.\n")
-    return (front + body).encode()
-
-
 def index_json(plan: MergePlan) -> bytes:
     weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
     meta = dict(plan.base.index_metadata)

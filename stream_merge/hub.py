@@ -36,7 +36,7 @@ from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_t
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, load_json, read_index
 from .errors import HubError, StreamMergeError
-from .extras import TOKENIZER_FILES, is_side_file, side_files
+from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
 from .hub_cache import (RemoteFile, cached_files, cached_revision, digest_matches, remember_ref, remote_file,
                         repo_cache_dir, snapshot_dir)
 from .hub_errors import call_with_retries, hub_error, split_spec
@@ -56,6 +56,7 @@ T = TypeVar("T")
 
 HEADER_PROBE = 100_000          # first range read of a shard; larger headers take a second one
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
+BASE_CARD = "README.md"         # fetched with the small files: the output's card keeps its text and licence
 HF_LOCAL_DIR_META = Path(".cache") / "huggingface"  # what hf_hub_download(local_dir=...) keeps beside the files
 
 
@@ -114,7 +115,8 @@ class HubSource:
         if self.what == "BASE":
             if INDEX_NAME not in self.files and SINGLE_NAME not in self.files:
                 raise self._no_weights()
-            return [n for n, f in self.files.items() if n == INDEX_NAME or is_side_file(n, f.size)]
+            return [n for n, f in self.files.items() if n == INDEX_NAME or is_side_file(n, f.size)
+                    or (n == BASE_CARD and f.size <= MAX_SIDE_FILE)]
         names = [n for n in self.files if n.count("/") <= 1 and PurePosixPath(n).name in
                  ADAPTER_FILES + TOKENIZER_FILES]
         names = [n for n in names if not (n.endswith("adapter_model.bin") and n[:-3] + "safetensors" in self.files)]
