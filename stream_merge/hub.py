@@ -232,6 +232,16 @@ class HubSource:
             meta.with_suffix(".lock").unlink(missing_ok=True)
             log.info("deleted downloaded shard %s", file)
 
+    def read_range(self, file: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a repo file: from the HF cache when it is there, else one range request."""
+        cached = self._cached(file)
+        if cached is not None:
+            with open(cached, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        url = hf_hub_url(self.repo_id, file, revision=self.revision)
+        return self._call(lambda: read_range(url, start, end, self.token), file=file)
+
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
         """Where downloading `files` puts bytes, and at most how many at once."""
         sizes = [self.files[f].size for f in files if f in self.files and self._cached(f) is None]

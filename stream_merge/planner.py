@@ -7,6 +7,7 @@ PEFT's scale. Problems are collected, not raised, so that the user sees all of t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ class PlanOptions:
     strict: bool = False
     untie: bool = False
     dequantize: bool = False
+    dtype: str = "auto"  # output dtype of floating tensors: auto, bf16, fp16, fp32 (see _out_dtype)
+
+
+OUT_DTYPES = {"bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16"), "fp32": ("F32", "float32")}
 
 
 @dataclass
@@ -180,10 +185,9 @@ def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dic
     fp8 = acc.fp8_block is not None and info.dtype in FP8_DTYPES
     if fp8:
         scale = acc.base.tensors.get(info.name + "_scale_inv")
-        if scale is None or acc.base.weight_map.get(scale.name) != acc.base.weight_map.get(info.name) \
-                or len(info.shape) != 2:
+        if scale is None or len(info.shape) != 2:
             acc.problems.append(f"{where}: fp8 weight {info.name!r} needs its block scales "
-                                f"{info.name + '_scale_inv'!r} in the same shard")
+                                f"{info.name + '_scale_inv'!r} (any shard)")
             return
     elif info.dtype not in FLOAT_DTYPES:
         acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; only F32/F16/BF16/F64 weights "
@@ -454,6 +458,21 @@ def _quantization(acc: _Acc) -> None:
                         f"block-scaled ones only: {QUANT_ADVICE}")
 
 
+def _out_dtype(tp: TensorPlan, dtype: str) -> TensorPlan:
+    """--dtype: floating tensors (and dequantized fp8 weights) are written in `dtype`; integer and fp8 ones
+    keep theirs. The merge still rounds to the base dtype first, then converts (what PEFT's merge followed by
+    `model.to(dtype)` gives)."""
+    if dtype == "auto" or tp.dtype not in FLOAT_DTYPES or (tp.quant is not None and tp.quant.mode != "dequant"):
+        return tp
+    return dataclasses.replace(tp, dtype=OUT_DTYPES[dtype][0])
+
+
+def _partner_file(acc: _Acc, header, partner: TensorInfo) -> str | None:
+    """The shard of an fp8 pair's other tensor when it is not this one."""
+    other = acc.base.weight_map.get(partner.name, header.file)
+    return None if other == header.file else other
+
+
 def _shard_tensors(acc: _Acc, header, head: TensorPlan | None) -> list[TensorPlan]:
     base, block = acc.base, acc.fp8_block
     tps = []
@@ -462,27 +481,44 @@ def _shard_tensors(acc: _Acc, header, head: TensorPlan | None) -> list[TensorPla
         patches = tuple(acc.patches.get(t.name, ()))
         tp = TensorPlan(name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep,
                         patches=patches)
+        fp8_scale = False  # an fp8 weight's block scales keep F32 under --dtype
         if block is not None:
             scale = base.tensors.get(t.name + "_scale_inv") if t.dtype in FP8_DTYPES else None
             weight = base.tensors.get(t.name[: -len("_scale_inv")]) if t.name.endswith("_scale_inv") else None
             if weight is not None and weight.dtype not in FP8_DTYPES:
                 weight = None
+            fp8_scale = weight is not None
             if scale is not None and acc.options.dequantize:
                 tp = TensorPlan(name=t.name, dtype="BF16", shape=t.shape, source=t, patches=patches,
-                                quant=QuantSpec("dequant", "weight", scale, block))
+                                quant=QuantSpec("dequant", "weight", scale, block, _partner_file(acc, header, scale)))
             elif scale is not None and patches:
                 tp = TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=t, patches=patches,
-                                quant=QuantSpec("requant", "weight", scale, block))
+                                quant=QuantSpec("requant", "weight", scale, block, _partner_file(acc, header, scale)))
             elif weight is not None and acc.options.dequantize:
                 continue  # the scales of a dequantized weight are dropped
             elif weight is not None and acc.patches.get(weight.name):
                 tp = TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=t,
                                 patches=tuple(acc.patches[weight.name]),
-                                quant=QuantSpec("requant", "scale", weight, block))
-        tps.append(tp)
+                                quant=QuantSpec("requant", "scale", weight, block, _partner_file(acc, header, weight)))
+        tps.append(tp if fp8_scale else _out_dtype(tp, acc.options.dtype))
     if head is not None and head.source.name in header.by_name:
-        tps.append(head)
+        tps.append(_out_dtype(head, acc.options.dtype))
     return tps
+
+
+def _dtype_updates(acc: _Acc) -> None:
+    """--dtype: config.json's dtype fields follow; the plan names the tensors that keep their dtype."""
+    name = OUT_DTYPES[acc.options.dtype][1]
+    acc.config_updates["dtype"] = name
+    if acc.base.config is not None and "torch_dtype" in acc.base.config:
+        acc.config_updates["torch_dtype"] = name
+    requant = acc.fp8_block is not None and not acc.options.dequantize
+    kept = sorted(t.name for t in acc.base.tensors.values() if t.dtype not in FLOAT_DTYPES
+                  and (requant or t.dtype not in FP8_DTYPES))
+    if kept:
+        acc.warnings.append(f"--dtype {acc.options.dtype}: {len(kept)} integer/fp8 tensor(s)"
+                            f"{' and their block scales' if requant else ''} keep their dtype "
+                            f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})")
 
 
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:
@@ -510,6 +546,8 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
                 acc.problems.append(f"the adapter resizes the vocabulary to {new} but {name!r} keeps {vocab} rows")
     if acc.fp8_block is not None and options.dequantize:
         acc.config_updates["quantization_config"] = None  # removed from config.json
+    if options.dtype != "auto":
+        _dtype_updates(acc)
     shards = []
     for h in base.shards:
         tps = _shard_tensors(acc, h, head)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .checkpoint import read_index
+from .checkpoint import read_index, regular_file
 from .errors import InputError
 from .extras import side_files
 from .records import BaseIndex
@@ -45,6 +45,9 @@ class Source(Protocol):
 
     def release(self, file: str) -> None:
         """The shard's output is committed: delete it if we downloaded it and may not keep it."""
+
+    def read_range(self, file: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a base file without fetching it whole (fp8 scales stored in another shard)."""
 
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
         """(folder, bytes) that fetching `files` will occupy at most at once, `prefetch` ahead."""
@@ -83,6 +86,11 @@ class LocalSource:
 
     def release(self, file: str) -> None:
         pass
+
+    def read_range(self, file: str, start: int, end: int) -> bytes:
+        with open(regular_file(self.path / file, f"base file {file}"), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
 
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
         return []

@@ -135,9 +135,10 @@ def recorded_device_kind(record: dict[str, Any]) -> str:
 def _recorded_inputs(record: dict[str, Any], out: Path, full: bool) -> Iterator[tuple[MergePlan, Source]]:
     """The plan rebuilt from the recorded inputs, and the base's source (a Hub base downloads into OUT's
     download area with `full`; the downloads are removed on exit)."""
-    from .runner import config_from_journal, plan_merge
+    from .config import config_from_record
+    from .runner import plan_merge
 
-    cfg = config_from_journal(record["inputs"], record.get("options", {}), str(out) if full else None)
+    cfg = config_from_record(record["inputs"], record.get("options", {}), str(out) if full else None)
     plan, base_src, adapter_srcs, _ = plan_merge(cfg)
     try:
         yield plan, base_src
