@@ -14,7 +14,8 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import INDEX_NAME
-from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
+from .card import model_card
+from .extras import RECORD_NAME, copy_side_files, shard_entries, write_index, write_record
 from .fileio import fsync_dir, set_file_note, write_file_atomic
 from .journal import Journal, remove_journal
 from .records import MergePlan
@@ -45,7 +46,8 @@ def finalize_output(out: Path, plan: MergePlan, base_src: Source, adapter_labels
     files never looks complete. Returns the side files written."""
     (out / INDEX_NAME).unlink(missing_ok=True)
     side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
-    write_file_atomic(out / CARD_NAME, model_card(plan, printable(base_label), [printable(a) for a in adapter_labels]))
+    write_file_atomic(out / CARD_NAME, model_card(plan, printable(base_label), [printable(a) for a in adapter_labels],
+                                                  base_dir=base_src.folder(), inputs=journal.inputs))
     write_record(out, record_of(plan, journal, findings, side))
     set_file_note(out / RECORD_NAME, SHARD_TIMES_NOTE,
                   json.dumps({f: e.get("mtime_ns") for f, e in journal.shards.items()}, sort_keys=True).encode())

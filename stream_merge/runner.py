@@ -24,7 +24,7 @@ from .adapter import load_adapter
 from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
-from .errors import CompatibilityError, ConfigError, OutputError, PlanError
+from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError
 from .extras import RECORD_NAME
 from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
 from .completion import finalize_output, printable, shipped_files
@@ -120,7 +120,8 @@ def _remove_dead_leftovers(out: Path) -> None:
         log.info("removed what killed runs left: %s", ", ".join(removed))
 
 
-def _remove_own_download_area(out: Path) -> None:
+def remove_download_area(out: Path) -> None:
+    """Remove this process's download area in OUT, and the downloads folder once no other area is in it."""
     area = download_area(out)
     if area.exists():
         shutil.rmtree(area, ignore_errors=True)
@@ -266,10 +267,24 @@ class _MergeRun:
         return pending
 
 
+def _require_text(out: Path, base_src: Source, adapter_srcs: Sequence[Source]) -> None:
+    """The record, the model card and the Hub hold paths as UTF-8 text: refuse, before anything is written,
+    a path that is not (issue 14 item 8: it used to fail at the last step, after every shard)."""
+    named = [("output folder", str(out), OutputError), ("BASE", str(base_src.folder()), InputError)]
+    named += [("ADAPTER", str(s.folder()), InputError) for s in adapter_srcs]
+    for what, text, error in named:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise error(f"the {what} path is not valid UTF-8", file=printable(text),
+                        fix="rename the folder (or give a symlink with a UTF-8 name)") from None
+
+
 def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: list[Source],
            findings: list[str]) -> _MergeRun:
     """Everything a merge decides before it touches OUT (beyond creating it)."""
     out = Path(cfg.output).expanduser()
+    _require_text(out, base_src, adapter_srcs)
     _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
     device = resolve_device(cfg.device)
     if cfg.ray is not None and base_src.kind != "local":
@@ -318,7 +333,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         if job is not None:
             if job.pusher is not None:
                 job.pusher.close()
-            _remove_own_download_area(job.out)
+            remove_download_area(job.out)
     return MergeReport(output=str(job.out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
                        peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(job.done), pending=tuple(pending))
 
@@ -370,7 +385,7 @@ def finalize(output: str | Path) -> MergeReport:
                             journal, findings)
     finally:
         base_src.close(True)
-        _remove_own_download_area(out)
+        remove_download_area(out)
     return MergeReport(output=str(out), plan=plan, shards=tuple(journal_result(journal, s.file) for s in plan.shards),
                        seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
                        resumed_shards=len(plan.shards))
