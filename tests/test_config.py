@@ -173,7 +173,7 @@ def test_recorded_and_fingerprinted_options_come_from_the_table() -> None:
                        block_size_mb=64, checksums=True, untie=True)
     rec = recorded_options(cfg, "cuda")
     assert rec == {"weights": (0.5,), "key_map": (("^x", "y"),), "strict": False, "untie": True, "dequantize": False,
-                   "allow_pickle": False, "device": "cuda", "check_finite": True}
+                   "allow_pickle": False, "dtype": "auto", "device": "cuda", "check_finite": True}
     assert fingerprint_options(cfg, "cuda") == rec
     # the device kind, not the index, enters the fingerprint; block size, checksums and Hub options do not
     other = build_config(base="org/b", adapters=["a"], weights=[0.5], key_map={"^x": "y"}, device="cuda:0",
