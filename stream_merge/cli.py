@@ -236,11 +236,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not report.ok:
         print(f"error: {args.output}: verification failed ({len(report.problems)} problem(s))", file=sys.stderr)
         return 1
-    extra = f", {len(report.recomputed)} recomputed" if report.recomputed else ""
-    print(f"ok: {report.shards_checked} shards match the record{extra}")
-    if report.unchecked:
-        print(f"note: the bytes of {len(report.unchecked)} shard(s) were not checked: no checksums were recorded "
-              f"(merge with --checksums) and the recorded inputs are not available to recompute them")
+    for line in report.summary():
+        print(line)
     return 0
 
 

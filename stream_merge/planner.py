@@ -17,7 +17,7 @@ from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, is_conv1d_modu
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns, pattern_value
 from .records import (FLOAT_DTYPES, FP8_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan,
                       ModuleMapping, QuantSpec, Replacement, ShardPlan, TensorInfo, TensorPlan)
-from .ties import TIE_HELP, _is_head, _tie_policy, _tied_head, vocab_row_tensor
+from .ties import _is_head, _tie_policy, add_alias_replacement, tied_alias, vocab_row_tensor
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class _Acc:
     mapping: list[ModuleMapping] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
-    head_base: Replacement | None = None  # PEFT's saved `lm_head.base_layer.weight` on a tied base
+    tie_groups: tuple | None = None  # ties.groups_of: the base's tied groups, computed once
     fp8_block: tuple[int, int] | None = None  # fp8 block-quantized base: the scale block shape
 
     def resolve(self, name: str, what: str) -> tuple[TensorInfo | None, str]:
@@ -98,14 +98,7 @@ def _plan_replacements(acc: _Acc, idx: int, spec: AdapterSpec, keys: Sequence[Pa
         if info is None:
             if via == "ambiguous":
                 continue
-            if _is_head(target) and _tied_head(acc.base):
-                if reason == "saved base layer" and acc.head_base is None:
-                    # PEFT saves the head it wrapped (= the tied embedding) next to a LoRA on lm_head
-                    acc.head_base = Replacement(target, idx, pk.key, reason, src.shape)
-                else:
-                    acc.problems.append(f"adapter {idx} key {pk.key!r} replaces lm_head ({reason}), but {TIE_HELP}; "
-                                        "untying a trained head copy is not supported")
-            else:
+            if not add_alias_replacement(acc, idx, pk.key, target, reason, src.shape):  # tied member: see ties
                 acc.problems.append(
                     f"adapter {idx} key {pk.key!r} ({reason}) matched no base tensor (looked for {target!r}); "
                     "a task head such as 'score' or 'classifier' does not exist in a CausalLM checkpoint, "
@@ -379,7 +372,7 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
     _plan_replacements(acc, idx, spec, replace, vocab)
     for pk in originals:
         target, _, _ = acc.resolver.resolve(pk.replace_target)
-        rep = acc.replacements.get(target or "")
+        rep = acc.replacements.get(target or tied_alias(acc, pk.replace_target) or "")
         if rep is None or rep.adapter != idx:
             acc.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original module but "
                                 "the file has no trained copy of it to merge")
@@ -416,8 +409,8 @@ def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> 
         if info is None:
             if via == "ambiguous":
                 continue
-            if _is_head(module) and _tied_head(acc.base):
-                acc.head_modules.append((idx, module, roles))
+            if tied_alias(acc, module + ".weight") is not None:
+                acc.head_modules.append((idx, module, roles))  # LoRA on a tied member absent from disk
             else:
                 acc.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); is this "
                                     "adapter for another model? else add a key_map rule")
@@ -473,7 +466,7 @@ def _partner_file(acc: _Acc, header, partner: TensorInfo) -> str | None:
     return None if other == header.file else other
 
 
-def _shard_tensors(acc: _Acc, header, head: TensorPlan | None) -> list[TensorPlan]:
+def _shard_tensors(acc: _Acc, header, added: Sequence[TensorPlan]) -> list[TensorPlan]:
     base, block = acc.base, acc.fp8_block
     tps = []
     for t in header.tensors:
@@ -501,8 +494,8 @@ def _shard_tensors(acc: _Acc, header, head: TensorPlan | None) -> list[TensorPla
                                 patches=tuple(acc.patches[weight.name]),
                                 quant=QuantSpec("requant", "scale", weight, block, _partner_file(acc, header, weight)))
         tps.append(tp if fp8_scale else _out_dtype(tp, acc.options.dtype))
-    if head is not None and head.source.name in header.by_name:
-        tps.append(_out_dtype(head, acc.options.dtype))
+    # untied members: after their source
+    tps.extend(_out_dtype(tp, acc.options.dtype) for tp in added if tp.source.name in header.by_name)
     return tps
 
 
@@ -529,13 +522,13 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
     if len(adapters) > 1 and any(a.settings.use_dora for a in adapters):
         acc.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole weight "
                             "rows, so the result would depend on the order; merge them one after another instead")
-    head, where = None, ""
+    added, where = [], ""
     try:  # a config regex that backtracks for ever stops the plan with a problem naming its key
         for idx, spec in enumerate(adapters):
             where = f"adapter {idx} ({spec.config_file})"
             _plan_adapter(acc, idx, spec, vocab)
         where = "tied head"
-        head = _tie_policy(acc, adapters, _plan_module)
+        added = _tie_policy(acc, adapters, _plan_module)
     except PatternTimeout as exc:
         acc.problems.append(f"{where}: {exc}")
     if "vocab_size" in acc.config_updates and vocab is not None:
@@ -550,7 +543,7 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
         _dtype_updates(acc)
     shards = []
     for h in base.shards:
-        tps = _shard_tensors(acc, h, head)
+        tps = _shard_tensors(acc, h, added)
         shards.append(ShardPlan(file=h.file, tensors=tuple(tps), in_bytes=h.size,
                                 header_unchanged=len(tps) == len(h.tensors) and all(
                                     (tp.name, tp.shape, tp.dtype) == (tp.source.name, tp.source.shape, tp.source.dtype)

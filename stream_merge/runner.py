@@ -29,7 +29,8 @@ from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputError, PlanError
-from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
+from .card import model_card
+from .extras import RECORD_NAME, copy_side_files, shard_entries, write_index, write_record
 from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
 from .partition import parse_worker, split
 from .planner import PlanOptions, build_plan
@@ -370,7 +371,8 @@ def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequ
     (out / INDEX_NAME).unlink(missing_ok=True)
     results = [_journal_result(journal, s.file) for s in plan.shards]
     side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
-    write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels))
+    write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels, base_dir=base_src.folder(),
+                                                    inputs=inputs))
     write_record(out, {
         "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
         "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),

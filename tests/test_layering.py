@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "stream_merge"
 PURE = {"lora", "planner", "keymap", "records", "compat", "errors", "ties", "patterns", "options", "partition",
-        "recipes", "quant"}
+        "recipes", "quant", "tie_table", "hf_ties"}  # hf_ties: transformers on the meta device, no file IO
 TORCH_MATH = {"lora", "recipes", "quant"}  # pure block math: tensors in, tensors out
 # every other module of the package may do IO: the set is derived, so a new module is IO until declared pure
 MODULES = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
