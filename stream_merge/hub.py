@@ -37,8 +37,8 @@ from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_t
 from .checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, load_json, read_index
 from .errors import HubError, StreamMergeError
 from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
-from .hub_cache import (RemoteFile, cached_files, cached_revision, digest_matches, remember_ref, remote_file,
-                        repo_cache_dir, snapshot_dir)
+from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revision, digest_matches,
+                        drop_stale_partials, remember_ref, remote_file, remove_empty_area, repo_cache_dir, snapshot_dir)
 from .hub_errors import call_with_retries, hub_error, split_spec
 from .hub_http import install_timeouts, read_range
 from .records import BaseIndex, ShardHeader
@@ -57,7 +57,6 @@ T = TypeVar("T")
 HEADER_PROBE = 100_000          # first range read of a shard; larger headers take a second one
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
 BASE_CARD = "README.md"         # fetched with the small files: the output's card keeps its text and licence
-HF_LOCAL_DIR_META = Path(".cache") / "huggingface"  # what hf_hub_download(local_dir=...) keeps beside the files
 
 
 class HubSource:
@@ -265,7 +264,7 @@ class HubSource:
         for file in leftovers:
             self.release(file)
         if complete and self.download_dir is not None:
-            _remove_empty_dirs(self.download_dir)
+            remove_empty_area(self.download_dir)
 
     # ------------------------------------------------------------------ shards
     def _worker(self, q: queue.Queue[tuple[str, Future[Path]] | None]) -> None:
@@ -311,23 +310,11 @@ class HubSource:
         if self.download_dir is None:
             raise HubError(f"no download folder for {file}", fix="give an output folder (-o OUT)")
         self.download_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_stale_partials(entry)
+        drop_stale_partials(self.download_dir, entry)
         path = self._fetch_verified(file, self.download_dir)
         with self._lock:
             self._ours[file] = path
         return path
-
-    def _drop_stale_partials(self, entry: RemoteFile) -> None:
-        """Partial downloads of this very file that a killed earlier run of ours left in our download area
-        (huggingface_hub names them `<hash>.<etag>.<uuid>.incomplete` and never resumes them). Files of other
-        shards, and anything outside this file's folder, are left alone."""
-        assert self.download_dir is not None
-        if not entry.etag:
-            return
-        where = self.download_dir / HF_LOCAL_DIR_META / "download" / PurePosixPath(entry.path).parent
-        for p in where.glob(f"*.{entry.etag}.*.incomplete"):
-            p.unlink(missing_ok=True)
-            log.info("removed a partial download of %s left by an earlier run", entry.path)
 
     # ------------------------------------------------------------------ downloads
     def _fetch_verified(self, name: str, local_dir: Path | None, force: bool = False) -> Path:
@@ -405,15 +392,3 @@ class HubSource:
         label = f"{self.repo_id}/{file}" if file else self.repo_id
         return call_with_retries(fn, lambda exc: hub_error(exc, self.what, self.spec, self.token, file=file), label)
 
-
-def _remove_empty_dirs(area: Path) -> None:
-    """Remove `area` and the bookkeeping folders huggingface_hub made in it, bottom up, where they are empty
-    (a file someone else put there keeps its folder)."""
-    meta = area / HF_LOCAL_DIR_META
-    for marker in (".gitignore", "CACHEDIR.TAG"):
-        (meta / marker).unlink(missing_ok=True)
-    for d in (meta / "download", meta, meta.parent, area):
-        try:
-            d.rmdir()
-        except OSError:
-            pass

@@ -1,9 +1,12 @@
 """The HF cache's layout and the Hub's digests, as stream-merge uses them.
 
-`HF_HUB_CACHE/models--org--name/` holds `refs/<branch or tag>` (a commit sha), `snapshots/<sha>/<path>`
+The HF cache: `HF_HUB_CACHE/models--org--name/` holds `refs/<branch or tag>` (a commit sha), `snapshots/<sha>/<path>`
 (links into `blobs/`) and `blobs/<etag>`, where the ETag is the sha256 for LFS files and the git blob sha1
 for others. huggingface_hub checks only sizes on download, so every file we use is compared with the digest
 the Hub lists for it (`RemoteFile.expected`, `digest_matches`).
+
+A download area (`hf_hub_download(local_dir=AREA)`): the files, plus `AREA/.cache/huggingface/download/` with
+`<file>.metadata`, `<file>.lock` and partial files `<hash>.<etag>.<uuid>.incomplete`, never resumed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ log = logging.getLogger("stream_merge")
 HEX40 = re.compile(r"[0-9a-f]{40}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 16 * 1024 * 1024
+HF_LOCAL_DIR_META = Path(".cache") / "huggingface"  # what hf_hub_download(local_dir=...) keeps beside the files
 
 
 @dataclass(frozen=True)
@@ -146,3 +150,27 @@ def cached_files(snapshot: Path) -> dict[str, RemoteFile]:
                                  git_oid=blob if HEX40.fullmatch(blob) else None)
     return files
 
+
+
+def drop_stale_partials(area: Path, entry: RemoteFile) -> None:
+    """Partial downloads of this very file that a killed earlier run left in `area` (the caller owns the area
+    while it holds the run's lock). Files of other shards, and anything outside this file's folder, stay."""
+    if not entry.etag:
+        return
+    where = area / HF_LOCAL_DIR_META / "download" / PurePosixPath(entry.path).parent
+    for p in where.glob(f"*.{entry.etag}.*.incomplete"):
+        p.unlink(missing_ok=True)
+        log.info("removed a partial download of %s left by an earlier run", entry.path)
+
+
+def remove_empty_area(area: Path) -> None:
+    """Remove `area` and the bookkeeping folders huggingface_hub made in it, bottom up, where they are empty
+    (a file someone else put there keeps its folder)."""
+    meta = area / HF_LOCAL_DIR_META
+    for marker in (".gitignore", "CACHEDIR.TAG"):
+        (meta / marker).unlink(missing_ok=True)
+    for d in (meta / "download", meta, meta.parent, area):
+        try:
+            d.rmdir()
+        except OSError:
+            pass

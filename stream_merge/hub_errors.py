@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 ATTEMPTS = 4                    # tries per call against transient errors
 RETRY_WAIT_S = 1.0              # then 2, 4 s
+RETRY_BUDGET_S = 120.0          # no new try once a call has failed for this long (hf_hub_download retries a
+                                # silent HEAD itself, with its own waits: one of its tries can take minutes)
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSPORT_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore")
 
@@ -135,16 +137,19 @@ def hub_error(exc: BaseException, what: str, spec: str, token: str | None, file:
 
 def call_with_retries(fn: Callable[[], T], describe: Callable[[BaseException], BaseException], label: str,
                       attempts: int = ATTEMPTS) -> T:
-    """Run `fn`, retrying transient failures `attempts` times in all (waits 1, 2, 4 s); any other failure, or
-    the last transient one, is raised as `describe(exc)`. Together with the client's timeouts (`hub_http`)
-    this bounds every Hub call: a server that never answers costs `attempts` read timeouts plus the waits."""
+    """Run `fn`, retrying transient failures `attempts` times in all (waits 1, 2, 4 s) and while the call has
+    been failing for less than RETRY_BUDGET_S; any other failure, or the last transient one, is raised as
+    `describe(exc)`. Together with the client's timeouts (`hub_http`) this bounds every Hub call: a server
+    that never answers costs at most `attempts` read timeouts plus the waits, or the budget."""
+    start = time.monotonic()
     for attempt in range(attempts):
         try:
             return fn()
         except StreamMergeError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt + 1 < attempts and is_transient(exc):
+            in_budget = time.monotonic() - start + RETRY_WAIT_S * 2**attempt < RETRY_BUDGET_S
+            if attempt + 1 < attempts and in_budget and is_transient(exc):
                 wait = RETRY_WAIT_S * 2**attempt
                 log.warning("%s: %s; retrying in %.0f s", label, short_error(_root(exc)), wait)
                 time.sleep(wait)

@@ -99,13 +99,6 @@ class LocalSource:
         pass
 
 
-def download_area(out: Path, worker: str | None = None) -> Path:
-    """Where a run downloads Hub base shards: `OUT/.stream-merge-downloads`, or for `--worker K/N` a folder of
-    its own inside it, so that partitioned workers never share (or clean up) each other's partial files."""
-    area = out / DOWNLOADS_DIR
-    return area if worker is None else area / f"worker-{worker.replace('/', '-of-')}"
-
-
 def resolve_source(spec: str, what: str, **hub_options: Any) -> Source:
     """A local folder, or a Hub repo `org/name[@revision]` (hub_options: token, download_dir, keep_downloads)."""
     path = Path(spec).expanduser()

@@ -1162,34 +1162,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HTTPError(412, "A commit has happened since. Please refresh and try again.")
             files: dict[str, Blob] = dict(repo.commits[head_sha].files) if head_sha else {}
             for item in lines[1:]:
-                key, value = item.get("key"), item.get("value") or {}
-                path = str(value.get("path", "")).strip("/")
-                if key == "file":
-                    if value.get("encoding", "base64") != "base64":
-                        raise _HTTPError(400, "Only base64 encoding is supported")
-                    try:
-                        content = base64.b64decode(value.get("content", ""), validate=True)
-                    except (binascii.Error, ValueError):
-                        raise _HTTPError(400, f"Invalid base64 for {path}")
-                    files[path] = hub._blob(path, content, lfs=False)
-                elif key == "lfsFile":
-                    oid = value.get("oid")
-                    blob = hub.lfs_objects.get(oid) if isinstance(oid, str) else None
-                    if blob is None:
-                        # Also accept an LFS object already present in this repo (copies).
-                        blob = next((b for c in repo.commits.values() for b in c.files.values()
-                                     if b.lfs and b.sha256 == oid), None)
-                    if blob is None:
-                        raise _HTTPError(422, f"LFS object {oid} for {path} was not uploaded")
-                    if value.get("size") is not None and value["size"] != blob.size:
-                        raise _HTTPError(422, f"LFS object {oid} size mismatch")
-                    files[path] = blob
-                elif key == "deletedFile":
-                    if path not in files:
-                        raise _HTTPError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
-                    del files[path]
-                else:
-                    raise _HTTPError(400, f"Unsupported commit operation {key!r}")
+                self._apply_commit_op(repo, files, item)
             message = summary + ("\n\n" + header["description"] if header.get("description") else "")
             commit = hub._make_commit(repo, files, head_sha, message)
             pr_url = None
@@ -1207,6 +1180,38 @@ class _Handler(BaseHTTPRequestHandler):
             "hookOutput": "",
         })
 
+
+    def _apply_commit_op(self, repo: HubRepo, files: dict[str, Blob], item: dict) -> None:
+        """Apply one ndjson commit line (file, lfsFile or deletedFile) to the snapshot being built."""
+        hub = self.hub
+        key, value = item.get("key"), item.get("value") or {}
+        path = str(value.get("path", "")).strip("/")
+        if key == "file":
+            if value.get("encoding", "base64") != "base64":
+                raise _HTTPError(400, "Only base64 encoding is supported")
+            try:
+                content = base64.b64decode(value.get("content", ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise _HTTPError(400, f"Invalid base64 for {path}")
+            files[path] = hub._blob(path, content, lfs=False)
+        elif key == "lfsFile":
+            oid = value.get("oid")
+            blob = hub.lfs_objects.get(oid) if isinstance(oid, str) else None
+            if blob is None:
+                # Also accept an LFS object already present in this repo (copies).
+                blob = next((b for c in repo.commits.values() for b in c.files.values()
+                             if b.lfs and b.sha256 == oid), None)
+            if blob is None:
+                raise _HTTPError(422, f"LFS object {oid} for {path} was not uploaded")
+            if value.get("size") is not None and value["size"] != blob.size:
+                raise _HTTPError(422, f"LFS object {oid} size mismatch")
+            files[path] = blob
+        elif key == "deletedFile":
+            if path not in files:
+                raise _HTTPError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
+            del files[path]
+        else:
+            raise _HTTPError(400, f"Unsupported commit operation {key!r}")
 
 def _truthy(values: list[str] | str | None) -> bool:
     if values is None:

@@ -102,6 +102,23 @@ def test_the_retry_layer_is_bounded_and_ends_in_one_line(monkeypatch) -> None:
     assert "cannot reach the Hub" in str(err.value) and "ReadTimeout" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_the_retry_layer_stops_when_its_time_budget_is_spent(monkeypatch) -> None:
+    """One try of hf_hub_download against a silent server can take minutes (it retries the HEAD itself): no
+    second try once the budget is spent."""
+    monkeypatch.setattr(hub_errors, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(hub_errors, "RETRY_BUDGET_S", 0.2)
+    calls = {"n": 0}
+
+    def slow() -> None:
+        calls["n"] += 1
+        time.sleep(0.3)
+        raise httpx2.ReadTimeout("timed out")
+
+    with pytest.raises(HubError):
+        hub_errors.call_with_retries(slow, lambda exc: hub_errors.hub_error(exc, "BASE", "org/base", None), "x")
+    assert calls["n"] == 1
+
+
 def test_errors_wrapped_by_hf_hub_download_are_mapped_by_their_cause() -> None:
     from huggingface_hub import errors as hf_errors
 

@@ -1,4 +1,4 @@
-"""sources.py and the Hub source's download area: local folders, per-worker areas, cleanup by ownership."""
+"""sources.py and the Hub source's download area: local folders, cleanup by ownership."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_pair
 from stream_merge.errors import InputError
-from stream_merge.sources import DOWNLOADS_DIR, LocalSource, download_area, resolve_source
+from stream_merge.sources import DOWNLOADS_DIR, LocalSource, resolve_source
 
 
 def test_local_folder_source(tmp_path: Path) -> None:
@@ -23,22 +23,16 @@ def test_local_folder_source(tmp_path: Path) -> None:
         resolve_source(str(tmp_path / "nope"), "BASE")
 
 
-def test_each_worker_gets_its_own_download_area(tmp_path: Path) -> None:
-    assert download_area(tmp_path) == tmp_path / DOWNLOADS_DIR
-    areas = {download_area(tmp_path, f"{k}/3") for k in (1, 2, 3)}
-    assert len(areas) == 3 and all(a.parent == tmp_path / DOWNLOADS_DIR for a in areas)
-
-
 def test_hub_source_removes_only_what_it_owns(tmp_path: Path, monkeypatch) -> None:
     """Stale partial files of the shard it downloads go; another shard's partial file, a foreign file and
     another worker's area stay, and so does the folder that holds them."""
     from huggingface_hub import constants
 
-    from stream_merge.hub import HF_LOCAL_DIR_META, HubSource
-    from stream_merge.hub_cache import RemoteFile
+    from stream_merge.hub import HubSource
+    from stream_merge.hub_cache import HF_LOCAL_DIR_META, RemoteFile
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    area = download_area(tmp_path / "out")
+    area = tmp_path / "out" / DOWNLOADS_DIR
     files = {f"s{i}.safetensors": RemoteFile(f"s{i}.safetensors", 10, sha256=f"{i}" * 64) for i in (1, 2)}
     src = HubSource("org/base", "BASE", "org/base", "0" * 40, files, tmp_path, download_dir=area)
     dl = area / HF_LOCAL_DIR_META / "download"
@@ -47,7 +41,7 @@ def test_hub_source_removes_only_what_it_owns(tmp_path: Path, monkeypatch) -> No
     theirs = dl / f"def.{'2' * 64}.5678abcd.incomplete"
     mine.write_bytes(b"x")
     theirs.write_bytes(b"y")
-    worker = download_area(tmp_path / "out", "2/2")
+    worker = area / "another-worker"  # another process's area inside the same folder
     worker.mkdir(parents=True)
     (worker / "in-flight.incomplete").write_bytes(b"z")
 
