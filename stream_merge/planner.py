@@ -212,8 +212,9 @@ def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dic
         acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; only F32/F16/BF16/F64 weights "
                             "can be merged (quantized bases are not supported)")
         return
-    if any(x.dtype not in FLOAT_DTYPES for x in (a, b)):
-        acc.problems.append(f"{where}: LoRA factors must be float tensors")
+    bad = [f"{k.key!r} is {x.dtype}" for k, x in ((ka, a), (kb, b)) if x.dtype not in FLOAT_DTYPES]
+    if bad:
+        acc.problems.append(f"{where}: LoRA factors must be float tensors, but {', '.join(bad)}")
         return
     rep = acc.replacements.get(info.name) if target_name is None else None
     wshape = rep.shape if rep else info.shape
