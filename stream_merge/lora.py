@@ -47,17 +47,40 @@ def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float, base_shape: Seque
     return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
 
 
-def param_delta_rows(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, expert: int | None,
-                     row_offset: int, r0: int, r1: int) -> torch.Tensor:
-    """LoRA on a raw (E, out, in) parameter (PEFT's ParamWrapper): A reshapes expert-major to (E, r, in),
-    B rank-major to (out, r, E), Δ[e] = B[:, :, e] @ A[e] * s (bitwise the same as PEFT's einsum).
-    With `expert` set, rows [r0, r1) of the target are rows row_offset+r0.. of Δ[expert]; otherwise the
-    target is the whole 3-D tensor and rows are experts."""
+def param_delta_rows(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, expert: int, row_offset: int,
+                     r0: int, r1: int) -> torch.Tensor:
+    """LoRA on a raw (E, out, in) parameter (PEFT's ParamWrapper) whose experts are stored one by one on disk:
+    A reshapes expert-major to (E, r, in), B rank-major to (out, r, E), Δ[e] = B[:, :, e] @ A[e] * s (bitwise
+    the same as PEFT's einsum); rows [r0, r1) of the target are rows row_offset+r0.. of Δ[expert]."""
     a3 = a.reshape(experts, -1, a.shape[-1])
     b3 = b.reshape(b.shape[0], -1, experts)
-    if expert is not None:
-        return (b3[row_offset + r0:row_offset + r1, :, expert] @ a3[expert]) * scale
-    return torch.stack([(b3[:, :, e] @ a3[e]) * scale for e in range(r0, r1)])
+    return (b3[row_offset + r0:row_offset + r1, :, expert] @ a3[expert]) * scale
+
+
+def param_delta_flat_rows(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, rows: int, r0: int,
+                          r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of the (E·out, in) view of a fused (E, out, in) parameter's delta: Δ[e] = B[:, :, e] @ A[e]
+    * s per expert, as `param_delta_rows`, for the experts the rows touch (`rows` = out rows per expert).
+    A block is whole experts or 64-aligned rows inside one expert (`expert_blocks`): both keep PEFT's bits."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts)
+    parts = []
+    for e in range(r0 // rows, -(-r1 // rows)):
+        lo, hi = max(r0, e * rows) - e * rows, min(r1, (e + 1) * rows) - e * rows
+        parts.append((b3[lo:hi, :, e] @ a3[e]) * scale)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def expert_blocks(experts: int, rows: int, want: int) -> list[tuple[int, int]]:
+    """Row blocks of the (E·rows, in) view of a fused expert tensor, about `want` rows each: several whole
+    experts when an expert is small, else `row_blocks` inside each expert (never across an expert boundary,
+    so memory stays about one block however many experts there are)."""
+    if rows == 0 or experts == 0:
+        return [(0, experts * rows)]
+    if rows <= want:
+        group = max(1, want // rows)
+        return [(e * rows, min(e + group, experts) * rows) for e in range(0, experts, group)]
+    return [(e * rows + r0, e * rows + r1) for e in range(experts) for r0, r1 in row_blocks(rows, want, ["param"])]
 
 
 def delta_rows(kind: str, a: torch.Tensor | None, b: torch.Tensor, scale: float, r0: int, r1: int) -> torch.Tensor:
@@ -108,23 +131,6 @@ def dora_apply(kind: str, w: torch.Tensor, delta: torch.Tensor, magnitude: torch
     else:
         raise ValueError(f"DoRA is not defined for {kind!r}")
     return (factor * (w + delta)).to(w.dtype)
-
-
-def apply_delta_into(w: torch.Tensor, delta: torch.Tensor, double_round: bool, out: torch.Tensor | None
-                     ) -> torch.Tensor:
-    """`apply_delta` without temporaries: the fp32 sum is formed in `delta` itself (W + Δ and Δ + W are the
-    same IEEE sum) and rounded straight into `out` (a view of the output buffer). Returns the unrounded
-    fp32 result for checks. Same bits as `apply_delta`."""
-    if double_round:
-        rounded = delta.to(w.dtype)
-        if out is None:
-            return w + rounded
-        torch.add(w, rounded, out=out)
-        return out
-    merged = delta.add_(w if w.dtype == delta.dtype else w.to(delta.dtype))  # mixed-dtype add_ is ~5x slower
-    if out is not None:
-        out.copy_(merged)
-    return merged
 
 
 def apply_delta(w: torch.Tensor, delta: torch.Tensor, double_round: bool) -> torch.Tensor:

@@ -181,12 +181,34 @@ class ShardReader:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise CheckpointFormatError(f"cannot open ({exc.strerror})", file=str(path)) from None
-        actual = os.fstat(self._fd).st_size
-        if actual != header.size:
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if st.st_size != header.size:
             os.close(self._fd)
             raise CheckpointFormatError(
-                f"file changed since planning ({header.size} -> {actual} bytes)", file=str(path),
+                f"file changed since planning ({header.size} -> {st.st_size} bytes)", file=str(path),
                 fix="do not modify inputs during a merge; re-run")
+
+    def check_unchanged(self) -> None:
+        """Raise a clear error if the file was truncated, rewritten or replaced since it was opened. Called
+        before every map and read: a map of a file that shrank would fault (SIGBUS) on first touch, and one
+        rewritten in place would merge other bytes than the plan saw."""
+        try:
+            st = os.fstat(self._fd)
+            now = os.stat(self.path)
+        except OSError as exc:
+            what = f"it can no longer be read ({exc.strerror})"
+        else:
+            if st.st_size != self.header.size:
+                what = f"truncated or extended: {self.header.size} -> {st.st_size} bytes"
+            elif (now.st_dev, now.st_ino) != self._identity[:2]:
+                what = "replaced by another file"
+            elif st.st_mtime_ns != self._identity[2]:
+                what = "rewritten in place (its modification time changed)"
+            else:
+                return
+        raise CheckpointFormatError(f"base file changed during the merge: {what}", file=str(self.path),
+                                    fix="do not modify or replace base files while a merge runs; re-run to resume")
 
     def raw_header(self) -> bytes:
         """The file's own 8-byte length + header bytes, for output shards whose header is unchanged."""
@@ -207,14 +229,21 @@ class ShardReader:
         start = pos - pos % mmap.ALLOCATIONGRANULARITY
         if pos + nbytes > self.header.size:
             raise CheckpointFormatError("unexpected end of file while reading", file=str(self.path))
-        m = mmap.mmap(self._fd, pos + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+        self.check_unchanged()
+        try:
+            m = mmap.mmap(self._fd, pos + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):
+            self.check_unchanged()  # names what changed (it shrank right now), else a plain read error
+            raise CheckpointFormatError("cannot map the file for reading", file=str(self.path)) from None
         return memoryview(m)[pos - start:pos - start + nbytes]
 
     def _pread(self, pos: int, buf: memoryview) -> None:
+        self.check_unchanged()
         done = 0
         while done < len(buf):
             got = os.preadv(self._fd, [buf[done:]], pos + done)
             if got == 0:
+                self.check_unchanged()
                 raise CheckpointFormatError("unexpected end of file while reading", file=str(self.path))
             done += got
 

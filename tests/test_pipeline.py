@@ -240,7 +240,7 @@ def test_resume_of_a_copied_output_keeps_shards_whose_checksum_matches(pair: tup
 
 def test_the_finite_check_is_skipped_only_when_overflow_is_impossible() -> None:
     from stream_merge.records import LoraPatch
-    from stream_merge.worker import _cannot_overflow
+    from stream_merge.recipes import cannot_overflow as _cannot_overflow
 
     p = LoraPatch(module="m", target="m.weight", kind="linear", adapter=0, a_key="a", b_key="b", rank=16, alpha=32.0,
                   scale=2.0)
@@ -260,3 +260,162 @@ def test_gc_is_frozen_only_during_a_shard() -> None:
     with frozen_gc():
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
+
+
+def _fused_moe_pair(root: Path, experts: int = 8, rows: int = 200, cols: int = 48, r: int = 4
+                    ) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A base holding one fused (E, out, in) expert tensor and a target_parameters adapter for it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    sd = {name: torch.randn(experts, rows, cols, generator=g).to(torch.bfloat16),
+          "model.norm.weight": torch.ones(cols, dtype=torch.bfloat16)}
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": cols}))
+    ad = {"base_model.model.model.layers.0.mlp.experts.lora_A.weight": torch.randn(r * experts, cols, generator=g),
+          "base_model.model.model.layers.0.mlp.experts.lora_B.weight": torch.randn(rows, r * experts, generator=g)}
+    save_file(ad, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": [],
+        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    return base, adapter, {"W": sd[name], **ad}
+
+
+def test_a_fused_moe_tensor_is_blocked_inside_experts(tmp_path: Path) -> None:
+    """Blocks of a fused (E, out, in) tensor stay about one block (rows inside one expert), not 64 experts
+    at a time, and give PEFT's bits: Δ[e] = B[:, :, e] @ A[e] * s, then W + Δ.to(bf16) (PEFT_SEMANTICS §5)."""
+    from safetensors.torch import load_file
+
+    from stream_merge.pipeline import shard_jobs
+
+    experts, rows, cols, r = 8, 200, 48, 4
+    base, adapter, t = _fused_moe_pair(tmp_path, experts, rows, cols, r)
+    a3 = t["base_model.model.model.layers.0.mlp.experts.lora_A.weight"].reshape(experts, r, cols)
+    b3 = t["base_model.model.model.layers.0.mlp.experts.lora_B.weight"].reshape(rows, r, experts)
+    delta = torch.stack([(b3[:, :, e] @ a3[e]) * 2.0 for e in range(experts)])
+    want = t["W"] + delta.to(torch.bfloat16)
+    plan, adapters = _plan_and_readers(base, adapter)
+    assert not plan.problems, plan.problems
+    shard = plan.shards[0]
+    header = plan.base.shards[0]
+    compute = Compute(block_bytes=64 * cols * 4, copy_bytes=5000)
+    with ShardReader(base / shard.file, header) as reader:
+        sizes = [j.nbytes for j in shard_jobs(shard, reader, adapters, compute) if j.name == shard.touched[0].name]
+        assert len(sizes) == experts * 3 and max(sizes) <= compute.buffer_bytes, sizes  # 64, 64, 72 rows each
+        out = tmp_path / "out"
+        out.mkdir()
+        merge_shard(shard, reader, adapters, out / shard.file, compute)
+    got = load_file(str(out / shard.file))["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(got, want)
+    for a in adapters:
+        a.close()
+
+
+def test_the_writer_queue_never_exceeds_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk makes the producer wait (back-pressure) instead of queueing every chunk of the shard, maps
+    of untouched bytes included; the output is still byte-identical."""
+    import time
+
+    from stream_merge import worker
+
+    base, adapter = make_pair(tmp_path, shape=WIDE, shard_bytes=600_000, r=8, alpha=16.0)
+    plan, adapters = _plan_and_readers(base, adapter)
+    ref = tmp_path / "ref"
+    assert run_cli("merge", base, adapter, "-o", ref, "--quiet").returncode == 0
+    writers: list = []
+
+    class Recording(worker._Writer):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    monkeypatch.setattr(worker, "_Writer", Recording)
+    shard = max(plan.shards, key=lambda s: s.in_bytes)
+    header = next(h for h in plan.base.shards if h.file == shard.file)
+    for threads in (1, 3):
+        compute = Compute(block_bytes=8 * 1024, copy_bytes=4096, threads=threads)
+        out = tmp_path / f"out{threads}"
+        out.mkdir()
+        with ShardReader(base / shard.file, header) as reader:
+            merge_shard(shard, reader, adapters, out / shard.file, compute, on_bytes=lambda n: time.sleep(0.002))
+        assert (out / shard.file).read_bytes() == (ref / shard.file).read_bytes()
+        w = writers[-1]
+        assert w.bound == compute.queue_bound and w.todo.maxsize == w.bound
+        assert w.high_water == w.bound, (w.high_water, w.bound)  # reached (the disk was slow), never passed
+    for a in adapters:
+        a.close()
+
+
+def _change(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        os.truncate(path, len(data) // 2)
+    elif how == "extended":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 4096)
+    elif how == "replaced":  # another file renamed over it (same size, same bytes even)
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    elif how == "rewritten":  # the same size rewritten in place
+        st = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(len(data) - 8)
+            f.write(b"\x01" * 8)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    elif how == "deleted":
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "extended", "replaced", "rewritten", "deleted"])
+@pytest.mark.parametrize("after", [0, 3, 9])
+def test_a_base_shard_changed_during_the_merge_is_named_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    how: str, after: int) -> None:
+    """A shard truncated, extended, replaced, rewritten or deleted between two blocks: a CheckpointFormatError
+    (exit 2) naming the shard, never SIGBUS, `ValueError: mmap length ...` or a shard of mixed bytes; the
+    output is not published."""
+    from stream_merge.errors import CheckpointFormatError
+    from stream_merge.safetensors_io import ShardReader as Reader
+
+    base, adapter = make_pair(tmp_path, shape=WIDE, shard_bytes=600_000, r=8, alpha=16.0)
+    plan, adapters = _plan_and_readers(base, adapter)
+    shard = max(plan.shards, key=lambda s: s.in_bytes)
+    header = next(h for h in plan.base.shards if h.file == shard.file)
+    real_view = Reader.view
+    calls = []
+
+    def view(self, data_offset: int, nbytes: int):  # type: ignore[no-untyped-def]
+        calls.append(data_offset)
+        if len(calls) == after + 1 and self.path == base / shard.file:
+            _change(self.path, how)
+        return real_view(self, data_offset, nbytes)
+
+    monkeypatch.setattr(Reader, "view", view)
+    out = tmp_path / "out"
+    out.mkdir()
+    with ShardReader(base / shard.file, header) as reader:
+        with pytest.raises(CheckpointFormatError, match="changed during the merge") as exc:
+            merge_shard(shard, reader, adapters, out / shard.file, Compute(block_bytes=8 * 1024, copy_bytes=5000))
+    assert exc.value.file == str(base / shard.file) and shard.file in str(exc.value)
+    assert not list(out.iterdir())  # nothing published, no temp file left
+    for a in adapters:
+        a.close()
+
+
+def test_a_shard_that_shrank_before_a_map_is_named(tmp_path: Path) -> None:
+    """The map itself (not only the check before it) turns a shrunken file into the same clear error."""
+    from stream_merge.errors import CheckpointFormatError
+
+    base, adapter = make_pair(tmp_path)
+    plan = stream_merge.plan(str(base), str(adapter))
+    header = plan.base.shards[0]
+    with ShardReader(base / header.file, header) as reader:
+        os.truncate(base / header.file, header.data_offset + 8)
+        with pytest.raises(CheckpointFormatError, match="truncated"):
+            reader.view(header.size - header.data_offset - 64, 64)
+        with pytest.raises(CheckpointFormatError, match="truncated"):
+            reader.read_rows(header.tensors[-1], 0, 1)
