@@ -144,9 +144,10 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
     if cfg.get("use_dora") and cfg.get("lora_bias"):
         raise InputError("use_dora and lora_bias cannot be combined (PEFT refuses this config)", file=file,
                          key="lora_bias")
-    tp = cfg.get("target_parameters") or ()
-    if isinstance(tp, str) or not all(isinstance(t, str) for t in tp):
-        raise InputError(f"target_parameters must be a list of names, got {tp!r}", file=file,
+    target_params = cfg.get("target_parameters") or ()
+    if not isinstance(target_params, (list, tuple)) or not all(
+            isinstance(t, str) for t in target_params):
+        raise InputError(f"target_parameters must be a list of names, got {target_params!r}", file=file,
                          key="target_parameters")
     if cfg.get("trainable_token_indices"):
         raise UnsupportedAdapterError("trainable_token_indices is not supported yet", file=file,
@@ -171,7 +172,7 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
         bias=bias,
         lora_bias=bool(cfg.get("lora_bias", False)),
         use_dora=bool(cfg.get("use_dora", False)),
-        target_parameters=tuple(tp),
+        target_parameters=tuple(target_params),
         target_modules=cfg.get("target_modules"),
         exclude_modules=cfg.get("exclude_modules"),
         layers_to_transform=cfg.get("layers_to_transform"),

@@ -153,7 +153,8 @@ class LoraPatch:
     "conv" (ConvNd, W is (out,in,*k)), "bias" (lora_bias: b += lora_B.bias * scale) or "param" (LoRA on a
     raw parameter, `target_parameters`: A is (r·E, in), B is (out, r·E); the target is the whole (E,out,in)
     tensor, or expert `expert`'s rows starting at `row_offset` of the fused delta when experts are stored one
-    by one on disk). `magnitude_key` makes it a DoRA patch.
+    by one on disk; `transposed`: the fused target is stored (E, in, out), GPT-OSS style, and each expert's
+    delta is (B_e @ A_e)ᵀ). `magnitude_key` makes it a DoRA patch.
     """
 
     module: str
@@ -171,6 +172,7 @@ class LoraPatch:
     experts: int = 0
     expert: int | None = None
     row_offset: int = 0
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
