@@ -2,15 +2,17 @@
 
 Adapter keys name modules as they were in memory at training time; the checkpoint on disk may use another
 layout (VLM refactors, Mixtral's block_sparse_moe, wrapper prefixes). Names are therefore resolved by lookup
-in the base's tensor names: exact, then user rules, then a rename table, then a unique suffix match.
+in the base's tensor names: exact, then user rules, then a rename table, then a unique suffix match, then
+the renames transformers v5 applies when it loads the checkpoint (load_renames.py: ViT, Dinov2, Swin...).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from .load_renames import LoadRenames
 from .patterns import compile_patterns, pattern_value, peft_targets  # noqa: F401  (re-exported)
 
 PEFT_PREFIX = "base_model.model."
@@ -148,13 +150,17 @@ def is_conv1d_module(module: str, model_type: str | None, fan_in_fan_out: bool) 
 
 
 class TargetResolver:
-    """Finds the on-disk tensor for an in-memory name: exact, user rules, rename table, unique suffix."""
+    """Finds the on-disk tensor for an in-memory name: exact, user rules, rename table, unique suffix, then
+    the renames transformers applies when it loads this checkpoint (`load_renames`, built on first need)."""
 
-    def __init__(self, names: Collection[str], rules: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(self, names: Collection[str], rules: Sequence[tuple[str, str]] = (),
+                 load_renames: Callable[[], LoadRenames | None] | None = None) -> None:
         self.names = names
         self.rules = [(re.compile(p), r) for p, r in rules]
         self.renames = [(re.compile(p), r) for p, r in RENAMES]
         self._suffixes: dict[str, list[str]] | None = None
+        self._load_renames = load_renames
+        self._loaded: tuple[dict[str, list[str]], str] | None = None
 
     def _suffix_index(self) -> dict[str, list[str]]:
         if self._suffixes is None:
@@ -165,6 +171,19 @@ class TargetResolver:
                     idx.setdefault(".".join(parts[i:]), []).append(n)
             self._suffixes = idx
         return self._suffixes
+
+    def _memory_names(self) -> tuple[dict[str, list[str]], str]:
+        """In-memory name -> disk names, for the base names that transformers renames on load."""
+        if self._loaded is None:
+            found = self._load_renames() if self._load_renames else None
+            index: dict[str, list[str]] = {}
+            if found is not None:
+                for n in self.names:
+                    memory = found.rename(n)
+                    if memory != n:
+                        index.setdefault(memory, []).append(n)
+            self._loaded = (index, f"rename ({found.source})" if found else "")
+        return self._loaded
 
     def resolve(self, name: str) -> tuple[str | None, str, list[str]]:
         """(target or None, how it was found, ambiguous candidates)."""
@@ -189,6 +208,12 @@ class TargetResolver:
             return cands[0], "suffix", []
         if cands:
             return None, "ambiguous", cands
+        index, via = self._memory_names()
+        loaded = sorted(index.get(name, []))
+        if len(loaded) == 1:
+            return loaded[0], via, []
+        if loaded:
+            return None, "ambiguous", loaded
         return None, "missing", []
 
 

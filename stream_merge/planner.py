@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .keymap import ParsedKey, TargetResolver, parse_key, targeted_params
+from .load_renames import load_renames
 from .model_config import config_value
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns
 from .plan_fp8 import DROP, fp8_tensor_plan, read_quantization
@@ -258,7 +259,8 @@ def _plan_all(state: PlanState, adapters: Sequence[AdapterSpec], vocab: int | No
 
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:
     """Map every adapter tensor to the base tensor it changes; collect every problem."""
-    state = PlanState(base=base, resolver=TargetResolver(base.tensors.keys(), options.key_map), options=options)
+    resolver = TargetResolver(base.tensors.keys(), options.key_map, load_renames=lambda: load_renames(base.config))
+    state = PlanState(base=base, resolver=resolver, options=options)
     read_quantization(state)
     vocab = _vocab_size(base)
     if len(adapters) > 1 and any(a.settings.use_dora for a in adapters):

@@ -63,3 +63,51 @@ def matching(names: Any, *patterns: str) -> set[str]:
 
 def base_tensors(base: Path) -> dict[str, torch.Tensor]:
     return load_folder_tensors(base)
+
+
+VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
+           patch_size=8, num_labels=5)
+
+
+def vit_base(path: Path) -> Path:
+    """A tiny bf16 ViT image classifier in several shards: transformers 5.24 writes the legacy names
+    (`vit.encoder.layer.N.attention.attention.query`), its model holds `vit.layers.N.attention.q_proj`."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = randomize_module(ViTForImageClassification(ViTConfig(**VIT)).float(), seed=0).to(BF16)
+    assert "vit.layers.0.attention.q_proj.weight" in model.state_dict()
+    return save_model(model, path, max_shard_size="40KB")
+
+
+def vit_logits(folder: Path) -> torch.Tensor:
+    from transformers import ViTForImageClassification
+
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(BF16)
+    model = ViTForImageClassification.from_pretrained(folder, dtype=BF16).eval()
+    with torch.no_grad():
+        return model(pixel_values=pixels).logits
+
+
+# Typical on-disk names per family of load_renames.BUILTIN_RULES (as transformers 5.24 saves them), to check
+# our table against transformers' own rules.
+FAMILY_DISK_NAMES = {
+    ("vit", "ViTForImageClassification"): [
+        "vit.encoder.layer.3.attention.attention.query.weight", "vit.encoder.layer.3.attention.attention.key.bias",
+        "vit.encoder.layer.3.attention.attention.value.weight", "vit.encoder.layer.3.attention.output.dense.weight",
+        "vit.encoder.layer.3.intermediate.dense.weight", "vit.encoder.layer.3.output.dense.bias",
+        "vit.encoder.layer.3.layernorm_before.weight", "vit.layernorm.weight", "classifier.weight",
+        "vit.embeddings.patch_embeddings.projection.weight"],
+    ("deit", "DeiTForImageClassificationWithTeacher"): [
+        "deit.encoder.layer.0.attention.attention.query.weight", "deit.encoder.layer.0.output.dense.weight",
+        "deit.encoder.layer.0.intermediate.dense.bias", "cls_classifier.weight"],
+    ("dinov2", "Dinov2Model"): [
+        "encoder.layer.1.attention.attention.query.weight", "encoder.layer.1.attention.attention.value.bias",
+        "encoder.layer.1.attention.output.dense.weight", "encoder.layer.1.mlp.fc1.weight",
+        "encoder.layer.1.mlp.weights_out.weight", "encoder.layer.1.layer_scale1.lambda1", "layernorm.weight"],
+    ("swin", "SwinForImageClassification"): [
+        "swin.encoder.layers.0.blocks.1.attention.self.query.weight",
+        "swin.encoder.layers.0.blocks.1.attention.self.relative_position_bias_table",
+        "swin.encoder.layers.0.blocks.1.attention.output.dense.weight",
+        "swin.encoder.layers.0.blocks.1.intermediate.dense.weight", "swin.encoder.layers.0.blocks.1.output.dense.bias",
+        "swin.encoder.layers.1.downsample.reduction.weight", "classifier.weight"],
+}

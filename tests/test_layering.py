@@ -8,7 +8,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "stream_merge"
 PLANNER_PARTS = {"planner", "plan_state", "plan_modules", "plan_params", "plan_fp8"}
-PURE = {"lora", "keymap", "records", "compat", "errors", "ties", "patterns", "model_config"} | PLANNER_PARTS
+PURE = {"lora", "keymap", "records", "compat", "errors", "ties", "patterns", "model_config",
+        "load_renames"} | PLANNER_PARTS
 IO_MODULES = {"safetensors_io", "sources", "checkpoint", "adapter", "worker", "journal", "runner", "verify", "extras",
               "cli", "synthetic"}
 IO_STDLIB = {"os", "io", "shutil", "subprocess", "socket", "pathlib", "tempfile", "fcntl", "urllib", "http"}
@@ -42,7 +43,8 @@ def test_pure_modules_import_no_io() -> None:
 def test_plan_imports_only_records_keymap_errors() -> None:
     for part in PLANNER_PARTS:
         internal = _imports(PKG / f"{part}.py") & {p.stem for p in PKG.glob("*.py")}
-        assert internal <= {"records", "keymap", "errors", "ties", "patterns", "model_config"} | PLANNER_PARTS, \
+        assert internal <= {"records", "keymap", "errors", "ties", "patterns", "model_config",
+                            "load_renames"} | PLANNER_PARTS, \
             (part, internal)
 
 
