@@ -9,9 +9,13 @@ Prints the figure and the wall time; exit 1 when the peak is over --limit-mib.
 --scaling also merges with shard size 2S (same model) and model size 2M (same shards) and prints how the
 peak changes; the target is less than --max-growth (15%) growth for both, else exit 1.
 
+--moe E,OUT,IN instead merges one fused MoE expert tensor (E, OUT, IN) in bf16 (default 128,2048,2048: 1 GiB,
+a Qwen3-30B-A3B-sized gate_up_proj) with a rank-16 `target_parameters` adapter: the tensor must be blocked inside
+experts, so the peak stays about that of a plain merge, not a block of 64 experts.
+
     python scripts/memcheck.py [--shard-size 1GiB] [--size 3GiB] [--limit-mib 700] [--scaling]
                                [--hidden 4096 --intermediate 11008 --vocab 32000] [--rank 16]
-                               [--workdir DIR] [--json OUT.json] [--keep]
+                               [--moe [E,OUT,IN]] [--workdir DIR] [--json OUT.json] [--keep]
 """
 
 from __future__ import annotations
@@ -59,6 +63,81 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
     return res
 
 
+def make_moe_inputs(workdir: Path, experts: int, rows: int, cols: int, rank: int) -> tuple[Path, Path]:
+    """A single-file base holding one fused (E, OUT, IN) bf16 expert tensor (written expert by expert, so
+    making it needs one expert of memory) and a target_parameters LoRA adapter for it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from stream_merge.safetensors_io import AtomicFile, header_bytes, tensor_bytes
+
+    root = workdir / f"moe-{experts}x{rows}x{cols}-r{rank}"
+    base, adapter = root / "base", root / "adapter"
+    if (root / "complete").exists():
+        return base, adapter
+    shutil.rmtree(root, ignore_errors=True)
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    nbytes = experts * rows * cols * 2
+    g = torch.Generator().manual_seed(0)
+    with AtomicFile(base / "model.safetensors") as f:
+        f.write(header_bytes([(name, "BF16", (experts, rows, cols), 0, nbytes)], {"format": "pt"}))
+        for _ in range(experts):
+            f.write(tensor_bytes((torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)))
+        f.commit()
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": cols,
+                                                  "num_experts": experts, "moe_intermediate_size": rows // 2}))
+    save_file({"base_model.model.model.layers.0.mlp.experts.lora_A.weight":
+               torch.randn(rank * experts, cols, generator=g) * 0.01,
+               "base_model.model.model.layers.0.mlp.experts.lora_B.weight":
+               torch.randn(rows, rank * experts, generator=g) * 0.01},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [],
+        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    (root / "complete").write_text("")
+    return base, adapter
+
+
+def one_moe(args: argparse.Namespace, workdir: Path) -> dict:
+    """Merge the fused-MoE case and measure it like `one`."""
+    experts, rows, cols = args.moe
+    base, adapter = make_moe_inputs(workdir, experts, rows, cols, args.rank)
+    out = Path(tempfile.mkdtemp(prefix="memcheck-out-", dir=workdir))
+    shutil.rmtree(out)
+    q = shlex.quote
+    cmd = (" ".join(q(a) for a in stream_merge_cmd()) + f" merge {q(str(base))} {q(str(adapter))} -o {q(str(out))} "
+           f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else ""))
+    log = workdir / "memcheck-merge.log"
+    try:
+        r = measure(cmd, log=log)
+        ok_out = (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(base.parent, ignore_errors=True)
+    if r["rc"] != 0 or not ok_out:
+        raise SystemExit(f"the merge failed (exit {r['rc']}):\n{tail(log)}")
+    log.unlink(missing_ok=True)
+    tensor = experts * rows * cols * 2
+    res = {"moe": [experts, rows, cols], "tensor_bytes": tensor, "base_bytes": tensor, "shards": 1, "command": cmd,
+           "wall_s": round(r["wall_s"], 3), "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1),
+           "vmhwm_mib": round(r["vmhwm_bytes"] / 2**20, 1), "cpu_s": round(r["user_s"] + r["sys_s"], 2),
+           "engine_sha256": source_digest(), "loadavg": loadavg()}
+    print(f"  fused MoE tensor ({experts}, {rows}, {cols}) bf16, {human(tensor)}: peak RSS {res['peak_rss_mib']:7.1f} MiB "
+          f"(VmHWM {res['vmhwm_mib']:.1f}), wall {res['wall_s']:.1f} s", flush=True)
+    return res
+
+
+def _moe_shape(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--moe wants E,OUT,IN (three positive integers), got {text!r}")
+    e, o, i = (int(p) for p in parts)
+    return e, o, i
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"))
@@ -73,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--block-size-mb", type=int, default=None, help="pass --block-size-mb to stream-merge")
+    ap.add_argument("--moe", type=_moe_shape, nargs="?", const=(128, 2048, 2048), default=None, metavar="E,OUT,IN",
+                    help="merge one fused MoE expert tensor of this shape instead (default 128,2048,2048: 1 GiB)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--json", type=Path, metavar="OUT.json")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic inputs for reuse")
@@ -86,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
           f"({engine.get('uncommitted_files', '?')} uncommitted file(s) in stream_merge/, source sha256 "
           f"{engine.get('tree_sha256')}); load average {machine['loadavg']}")
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *(sys.argv if argv is None else ['memcheck.py', *argv])])}")
-    print(f"memcheck: shard size S={human(args.shard_size)}, model size M={human(args.size)}, "
-          f"limit {args.limit_mib:g} MiB", flush=True)
-    runs = {"S,M": one(args, args.size, args.shard_size, workdir)}
-    if args.scaling:
+    if args.moe:
+        print(f"memcheck: fused MoE tensor {args.moe}, limit {args.limit_mib:g} MiB", flush=True)
+        runs = {"moe": one_moe(args, workdir)}
+    else:
+        print(f"memcheck: shard size S={human(args.shard_size)}, model size M={human(args.size)}, "
+              f"limit {args.limit_mib:g} MiB", flush=True)
+        runs = {"S,M": one(args, args.size, args.shard_size, workdir)}
+    if args.scaling and not args.moe:
         runs["2S,M"] = one(args, args.size, 2 * args.shard_size, workdir)
         runs["S,2M"] = one(args, 2 * args.size, args.shard_size, workdir)
     failures = [f"{k}: peak RSS {r['peak_rss_mib']:.1f} MiB > {args.limit_mib:g} MiB"
@@ -104,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.max_growth:.0%})")
             if g >= args.max_growth:
                 failures.append(f"{label}: peak RSS grew {g:+.1%} (target < {args.max_growth:.0%})")
-    main_run = runs["S,M"]
+    main_run = runs["moe" if args.moe else "S,M"]
     print(f"peak RSS {main_run['peak_rss_mib']:.1f} MiB (limit {args.limit_mib:g} MiB), wall {main_run['wall_s']:.1f} s "
           f"for {human(main_run['base_bytes'])}: {'FAIL' if failures else 'PASS'}")
     for f in failures:

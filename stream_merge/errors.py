@@ -7,7 +7,12 @@ interrupt. Anything else that escapes is a bug and is shown with a traceback hin
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .records import MergePlan
 
 
 class StreamMergeError(Exception):
@@ -58,11 +63,17 @@ class UnsupportedAdapterError(InputError):
     """An adapter whose method or config field stream-merge does not merge (yet)."""
 
 
-class PlanError(StreamMergeError):
-    """The planner found problems; all of them are listed, nothing was written."""
+class HubError(InputError):
+    """A Hub repo, revision or file that cannot be used: not found, gated, private, offline, or corrupt."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
+
+class PlanError(StreamMergeError):
+    """The planner found problems; all of them are listed, nothing was written. `plan` is the plan with its
+    problems when one was built, so `stream-merge plan` can show it without planning again."""
+
+    def __init__(self, problems: Sequence[str], plan: MergePlan | None = None) -> None:
         self.problems = list(problems)
+        self.plan = plan
         n = len(self.problems)
         super().__init__(
             f"the merge plan has {n} problem{'s' if n != 1 else ''}: " + " | ".join(self.problems),
@@ -86,6 +97,45 @@ class VerificationError(StreamMergeError):
     """An output folder does not match its record."""
 
     exit_code = 1
+
+
+class NotEnoughMemoryError(StreamMergeError):
+    """An allocation failed (Python, torch, mmap, a thread stack, a shared library): the machine, its
+    `ulimit -v` or its cgroup gave less memory than a step needed. Exit 2, like any other input the user
+    can change; never 1, which means "verification failed"."""
+
+
+# How allocation failures read when they do not arrive as MemoryError or OSError(ENOMEM): torch's CPU
+# allocator, CUDA, a shared library that cannot be mapped at import, a thread whose stack cannot be mapped.
+_MEMORY_TEXTS = ("can't allocate memory", "cannot allocate memory", "out of memory", "failed to map segment",
+                 "std::bad_alloc", "can't start new thread")
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, OSError, ImportError)) and any(t in text for t in _MEMORY_TEXTS)
+
+
+def memory_error(exc: BaseException, block_size_mb: int | None = None) -> NotEnoughMemoryError | None:
+    """A NotEnoughMemoryError when `exc`, or an exception it was raised from or while handling, is an
+    allocation failure (errors raised `from None` still keep the original in `__context__`); else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if _is_allocation_failure(cause):
+            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+            if cause is not exc:  # what was being done, e.g. "cannot create a file in the output folder"
+                doing = exc.message if isinstance(exc, StreamMergeError) else str(exc).strip()
+                detail += f", while: {(doing.splitlines() or [type(exc).__name__])[0][:160]}"
+            now = f" (now {block_size_mb})" if block_size_mb else ""
+            return NotEnoughMemoryError(f"not enough memory: {detail}", file=getattr(exc, "file", None),
+                                        fix=f"lower --block-size-mb{now}, run fewer merges at once, or raise the "
+                                            "memory limit (ulimit -v, the container's memory)")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class MergeInterrupted(StreamMergeError):

@@ -41,7 +41,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, load_json, read_index
-from .errors import InputError, StreamMergeError
+from .errors import HubError, StreamMergeError
 from .extras import MAX_SIDE_FILE, NOT_SIDE_FILES, SIDE_FILES, TOKENIZER_FILES
 from .journal import file_sha256
 from .records import BaseIndex, ShardHeader
@@ -63,10 +63,6 @@ RETRY_WAIT_S = 1.0              # then 2, 4 s
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _CACHE = "cache"
-
-
-class HubError(InputError):
-    """A Hub repo, revision or file that cannot be used: not found, gated, private, offline, or corrupt."""
 
 
 @dataclass(frozen=True)
@@ -325,6 +321,15 @@ class HubSource:
             meta.unlink(missing_ok=True)
             meta.with_suffix(".lock").unlink(missing_ok=True)
             log.info("deleted downloaded shard %s", file)
+
+    def read_range(self, file: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a repo file: from the HF cache when it is there, else one range request."""
+        cached = self._cached(file)
+        if cached is not None:
+            with open(cached, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        return self._range(hf_hub_url(self.repo_id, file, revision=self.revision), start, end, file)
 
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
         """Where downloading `files` puts bytes, and at most how many at once."""

@@ -17,7 +17,8 @@ from .adapter import AdapterReader
 from .compute import BufferPool, Compute, Job, Scratch
 from .records import ShardPlan, TensorPlan
 from .safetensors_io import ShardReader, header_bytes
-from .tensor_jobs import RowReader, convert_jobs, merged_jobs
+from .shard_rows import OtherShards
+from .tensor_jobs import convert_jobs, merged_jobs
 
 Chunk = tuple[str | None, "bytearray | memoryview", int]  # (tensor name or None, buffer, valid bytes)
 
@@ -52,9 +53,9 @@ def _copy_jobs(reader: ShardReader, start: int, end: int, chunk: int) -> Iterato
 
 
 def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
-               scratch: Scratch | None = None, read_rows: RowReader | None = None) -> Iterator[Job]:
-    """The output shard as jobs in file order; adjacent untouched tensors become one byte range. `read_rows`
-    reads tensors of other shards (an fp8 weight's scales stored elsewhere); the default reads this one."""
+               scratch: Scratch | None = None, others: OtherShards | None = None) -> Iterator[Job]:
+    """The output shard as jobs in file order; adjacent untouched tensors become one byte range. `others`
+    reads tensors of other shards (an fp8 weight's scales stored elsewhere; default: the files beside this one)."""
     scratch = scratch if scratch is not None else Scratch()
     header = out_header(shard, reader)
 
@@ -68,7 +69,7 @@ def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapter
         tp = ordered[i]
         i += 1
         if tp.action != "copy":
-            yield from merged_jobs(tp, reader, adapters, compute, scratch, read_rows)
+            yield from merged_jobs(tp, reader, adapters, compute, scratch, others)
             continue
         if not _raw(tp):
             yield from convert_jobs(tp, reader, compute)
@@ -81,11 +82,11 @@ def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapter
 
 
 def shard_chunks(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
-                 pool: BufferPool, read_rows: RowReader | None = None) -> Iterator[Chunk]:
+                 pool: BufferPool, others: OtherShards | None = None) -> Iterator[Chunk]:
     """The output shard as (tensor name or None, buffer, valid bytes), in file order. Jobs run on
     `compute.threads` threads (torch releases the GIL); each buffer belongs to the consumer, who gives it
     back with `pool.put`. The pool must hold more than `compute.depth` buffers plus those the consumer keeps."""
-    jobs = shard_jobs(shard, reader, adapters, compute, Scratch(), read_rows)
+    jobs = shard_jobs(shard, reader, adapters, compute, Scratch(), others)
     if compute.threads <= 1:
         for job in jobs:
             yield job.name, job.run(None if job.source else pool.get(job.nbytes)), job.nbytes

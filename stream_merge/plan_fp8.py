@@ -2,7 +2,8 @@
 with its `weight_scale_inv` tensor. Pure.
 
 A patched fp8 weight is decoded with its block scales, merged, and re-encoded with fresh scales (or written
-as bf16 with --dequantize, its scales dropped), so weight and scales are planned as a pair.
+as bf16 with --dequantize, its scales dropped), so weight and scales are planned as a pair, wherever each
+of them is stored.
 """
 
 from __future__ import annotations
@@ -44,17 +45,32 @@ def is_fp8_weight(state: PlanState, info: TensorInfo) -> bool:
 
 
 def fp8_weight_problem(state: PlanState, info: TensorInfo) -> str | None:
-    """Why a LoRA cannot be merged into this fp8 weight (its scales are missing), or None."""
+    """Why a LoRA cannot be merged into this fp8 weight (its scales are missing), or None. The scales may
+    live in another shard (DeepSeek-V3 does this)."""
     scale = state.base.tensors.get(info.name + SCALE_SUFFIX)
-    if scale is None or state.base.weight_map.get(scale.name) != state.base.weight_map.get(info.name) \
-            or len(info.shape) != 2:
-        return f"fp8 weight {info.name!r} needs its block scales {info.name + SCALE_SUFFIX!r} in the same shard"
+    if scale is None or len(info.shape) != 2:
+        return f"fp8 weight {info.name!r} needs its block scales {info.name + SCALE_SUFFIX!r} (any shard)"
     return None
 
 
-def fp8_tensor_plan(state: PlanState, tensor: TensorInfo, patches: tuple[LoraPatch, ...]) -> TensorPlan | str | None:
-    """The plan of an fp8 weight or of its scale tensor: a TensorPlan with a QuantSpec, DROP for the scales of
-    a dequantized weight, or None when the tensor is only copied (or the base is not fp8)."""
+def _partner_file(state: PlanState, shard: str, partner: TensorInfo) -> str | None:
+    """The shard of an fp8 pair's other tensor when it is not this one."""
+    other = state.base.weight_map.get(partner.name, shard)
+    return None if other == shard else other
+
+
+def is_fp8_scale(state: PlanState, tensor: TensorInfo) -> bool:
+    """The block scales of an fp8 weight (they keep F32 under --dtype)."""
+    if state.fp8_block is None or not tensor.name.endswith(SCALE_SUFFIX):
+        return False
+    weight = state.base.tensors.get(tensor.name[: -len(SCALE_SUFFIX)])
+    return weight is not None and weight.dtype in FP8_DTYPES
+
+
+def fp8_tensor_plan(state: PlanState, shard: str, tensor: TensorInfo, patches: tuple[LoraPatch, ...]
+                    ) -> TensorPlan | str | None:
+    """The plan of an fp8 weight or of its scale tensor in `shard`: a TensorPlan with a QuantSpec, DROP for
+    the scales of a dequantized weight, or None when the tensor is only copied (or the base is not fp8)."""
     base, block = state.base, state.fp8_block
     if block is None:
         return None
@@ -64,14 +80,14 @@ def fp8_tensor_plan(state: PlanState, tensor: TensorInfo, patches: tuple[LoraPat
         weight = None
     if scale is not None and state.options.dequantize:
         return TensorPlan(name=tensor.name, dtype="BF16", shape=tensor.shape, source=tensor, patches=patches,
-                          quant=QuantSpec("dequant", "weight", scale, block))
+                          quant=QuantSpec("dequant", "weight", scale, block, _partner_file(state, shard, scale)))
     if scale is not None and patches:
         return TensorPlan(name=tensor.name, dtype=tensor.dtype, shape=tensor.shape, source=tensor, patches=patches,
-                          quant=QuantSpec("requant", "weight", scale, block))
+                          quant=QuantSpec("requant", "weight", scale, block, _partner_file(state, shard, scale)))
     if weight is not None and state.options.dequantize:
         return DROP
     if weight is not None and state.patches.get(weight.name):
         return TensorPlan(name=tensor.name, dtype=tensor.dtype, shape=tensor.shape, source=tensor,
                           patches=tuple(state.patches[weight.name]),
-                          quant=QuantSpec("requant", "scale", weight, block))
+                          quant=QuantSpec("requant", "scale", weight, block, _partner_file(state, shard, weight)))
     return None

@@ -16,12 +16,13 @@ from .records import BaseIndex, LoraPatch, ModuleMapping, Replacement, TensorInf
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """What the user chose that changes the plan: key_map rules, --strict, --untie, --dequantize."""
+    """What the user chose that changes the plan: key_map rules, --strict, --untie, --dequantize, --dtype."""
 
     key_map: tuple[tuple[str, str], ...] = ()
     strict: bool = False
     untie: bool = False
     dequantize: bool = False
+    dtype: str = "auto"  # output dtype of floating tensors: auto, bf16, fp16, fp32 (plan_dtype.out_dtype)
 
 
 @dataclass

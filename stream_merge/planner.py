@@ -14,7 +14,8 @@ from .keymap import ParsedKey, TargetResolver, parse_key, targeted_params
 from .load_renames import load_renames
 from .model_config import config_value
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns
-from .plan_fp8 import DROP, fp8_tensor_plan, read_quantization
+from .plan_dtype import dtype_updates, out_dtype
+from .plan_fp8 import DROP, fp8_tensor_plan, is_fp8_scale, read_quantization
 from .plan_modules import plan_module
 from .plan_params import plan_param
 from .plan_state import PlanOptions, PlanState
@@ -221,13 +222,14 @@ def _shard_tensors(state: PlanState, header: ShardHeader, head: TensorPlan | Non
     for t in header.tensors:
         rep = state.replacements.get(t.name)
         patches = tuple(state.patches.get(t.name, ()))
-        quantized = fp8_tensor_plan(state, t, patches)
+        quantized = fp8_tensor_plan(state, header.file, t, patches)
         if quantized == DROP:
             continue  # the scales of a dequantized weight are dropped
-        tensor_plans.append(quantized if isinstance(quantized, TensorPlan) else TensorPlan(
-            name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep, patches=patches))
+        tensor_plan = quantized if isinstance(quantized, TensorPlan) else TensorPlan(
+            name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep, patches=patches)
+        tensor_plans.append(tensor_plan if is_fp8_scale(state, t) else out_dtype(tensor_plan, state.options.dtype))
     if head is not None and head.source.name in header.by_name:
-        tensor_plans.append(head)
+        tensor_plans.append(out_dtype(head, state.options.dtype))
     return tensor_plans
 
 
@@ -271,6 +273,8 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
     _check_resized_vocab(state, vocab)
     if state.fp8_block is not None and options.dequantize:
         state.config_updates["quantization_config"] = None  # removed from config.json
+    if options.dtype != "auto":
+        dtype_updates(state)
     shards = []
     for h in base.shards:
         tensor_plans = _shard_tensors(state, h, head)

@@ -23,8 +23,8 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub import errors as hf_errors
 
 from .checkpoint import INDEX_NAME
-from .errors import StreamMergeError
-from .hub import HubError, is_transient, short_error
+from .errors import HubError, StreamMergeError
+from .hub import is_transient, short_error
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")

@@ -194,13 +194,15 @@ class QuantSpec:
     mode "requant": the patched weight is re-quantized with fresh block scales; role "weight" writes the fp8
     values, role "scale" writes the new `weight_scale_inv` (recomputed from the same blocks).
     mode "dequant": the weight is written as bf16 (its scale tensor is dropped from the output).
-    `partner` is the other tensor of the pair (the scale for a weight, the weight for a scale).
+    `partner` is the other tensor of the pair (the scale for a weight, the weight for a scale), stored in
+    `partner_file` when that is another shard.
     """
 
     mode: str
     role: str
     partner: TensorInfo
     block: tuple[int, int]
+    partner_file: str | None = None  # the partner's shard when it is not this tensor's (DeepSeek-V3 does this)
 
 
 @dataclass(frozen=True)

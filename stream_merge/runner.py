@@ -27,7 +27,7 @@ from . import __version__
 from .adapter import AdapterReader, load_adapter
 from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
-from .config import MergeConfig
+from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputError, PlanError
 from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
 from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
@@ -36,6 +36,7 @@ from .planner import PlanOptions, build_plan
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
+from .shard_rows import OtherShards
 from .worker import Compute, compute_threads, frozen_gc, publish, torch_settings, write_shard
 
 log = logging.getLogger("stream_merge")
@@ -237,7 +238,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
@@ -245,7 +246,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
         base_name = cfg.base.split("@", 1)[0] if base_src.kind == "hub" else cfg.base  # the id, not the revision
         findings += compatibility_findings(base_name, base.config, src.spec, spec.raw_config, model_cfg)
     if plan.problems:
-        raise PlanError(plan.problems)
+        raise PlanError(plan.problems, plan=plan)
     if findings and cfg.strict:
         raise CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
     for w in list(plan.warnings) + findings:
@@ -267,13 +268,12 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
-    options = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k in ("weights", "key_map", "check_finite", "strict", "allow_pickle", "untie", "dequantize")}
+    options = recorded_options(cfg, device.type)
     inputs = _inputs_record(base_src, adapter_srcs, plan)
     revisions = [s.revision for s in (base_src, *adapter_srcs)]  # Hub commits: a moved branch is another input
     fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
                                        [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],
-                                       sorted(options.items()), __version__.split(".")[0])
+                                       sorted(fingerprint_options(cfg, device.type).items()), __version__.split(".")[0])
                                       + ((revisions,) if any(revisions) else ())).encode()).hexdigest()
     mine = _partition(cfg, plan)
     lock = LOCK_NAME if cfg.worker is None else f".stream-merge-{cfg.worker.replace('/', '-of-')}.lock"
@@ -381,22 +381,6 @@ def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequ
     return side
 
 
-def config_from_journal(inputs: dict[str, Any], options: dict[str, Any], output: str | None = None) -> MergeConfig:
-    """The MergeConfig that produced a journal/record: inputs pinned to their recorded revisions."""
-    from .config import build_config
-
-    def spec(entry: dict[str, Any]) -> str:
-        if entry.get("revision"):
-            return f"{entry['spec'].split('@')[0]}@{entry['revision']}"
-        return entry["path"]
-
-    return build_config(base=spec(inputs["base"]), adapters=[spec(a) for a in inputs["adapters"]],
-                        weights=[a["weight"] for a in inputs["adapters"]], output=output,
-                        key_map=options.get("key_map") or None, allow_pickle=options.get("allow_pickle", False),
-                        untie=options.get("untie", False), dequantize=options.get("dequantize", False),
-                        strict=options.get("strict", False), check_finite=options.get("check_finite", True))
-
-
 def finalize(output: str | Path) -> MergeReport:
     """`stream-merge finalize OUT`: after partitioned workers, check every shard against the journal (size and
     sha256) and write the index and record; refuses while shards are missing."""
@@ -406,7 +390,7 @@ def finalize(output: str | Path) -> MergeReport:
     if journal is None:
         raise OutputError("no stream-merge journal in this folder", file=str(out),
                           fix="run `stream-merge merge ... -o OUT` (or its --worker runs) first")
-    cfg = config_from_journal(journal.inputs, journal.options, str(out))
+    cfg = config_from_record(journal.inputs, journal.options, str(out))
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
     with _locked(out, ".stream-merge-finalize.lock"):
         journal.reload(out)
@@ -440,6 +424,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                   compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None,
                   todo_files: Sequence[str] | None = None, checksum: bool = False) -> list[ShardResult]:
     adapters = [AdapterReader(spec) for spec in plan.adapters]
+    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
     results: list[ShardResult] = []
     wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
     progress, bar = progress_callback(plan, wanted, progress)
@@ -468,7 +453,7 @@ def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, do
                 base.prefetch(ahead.file)
             with ShardReader(base.shard_path(shard.file), header) as reader, frozen_gc():
                 written, res = write_shard(shard, reader, adapters, out / shard.file, compute,
-                                           lambda n, f=shard.file: progress(n, f), checksum)
+                                           lambda n, f=shard.file: progress(n, f), checksum, others)
             if flushing is not None:
                 flushing.result()
             # fsync + rename + journal on the committer thread, overlapping the next shard's merge: the

@@ -42,6 +42,9 @@ class Source(Protocol):
     def release(self, file: str) -> None:
         """The shard's output is committed: delete it if we downloaded it and may not keep it."""
 
+    def read_range(self, file: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a base file without fetching it whole (fp8 scales stored in another shard)."""
+
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
         """(folder, bytes) that fetching `files` will occupy at most at once, `prefetch` ahead."""
 
@@ -74,6 +77,11 @@ class LocalSource:
 
     def release(self, file: str) -> None:
         pass
+
+    def read_range(self, file: str, start: int, end: int) -> bytes:
+        with open(self.path / file, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
 
     def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
         return []

@@ -25,8 +25,10 @@ from .recipes import (Factor, Recipe, add_delta, add_rounded_delta, choose_recip
                       one_delta, replace_rows, sum_delta)
 from .records import DTYPE_SIZES, TensorInfo, TensorPlan, numel
 from .safetensors_io import TORCH_DTYPES, ShardReader, unmap
+from .shard_rows import OtherShards
 
-RowReader = Callable[[TensorInfo, int, int], torch.Tensor]  # (tensor, r0, r1) -> rows, from whichever shard
+# (shard file or None for the shard being merged, tensor, r0, r1) -> rows
+RowReader = Callable[[str | None, TensorInfo, int, int], torch.Tensor]
 
 
 def load_factor(adapters: Sequence[AdapterReader], adapter: int, key: str, device: torch.device) -> torch.Tensor:
@@ -174,6 +176,7 @@ def fp8_jobs(tp: TensorPlan, read_rows: RowReader, adapters: Sequence[AdapterRea
     q = tp.quant
     assert q is not None
     weight, scale = (tp.source, q.partner) if q.role == "weight" else (q.partner, tp.source)
+    weight_file, scale_file = (None, q.partner_file) if q.role == "weight" else (q.partner_file, None)
     bm = q.block[0]
     rows, cols = weight.shape
     dev = compute.device
@@ -182,8 +185,8 @@ def fp8_jobs(tp: TensorPlan, read_rows: RowReader, adapters: Sequence[AdapterRea
 
     def fill(r0: int, r1: int, nbytes: int, buf: bytearray) -> None:
         delta = sum_delta(factors, weight.shape, r0, r1) if factors else None
-        w = fp8_merge(read_rows(weight, r0, r1).to(dev), read_rows(scale, r0 // bm, -(-r1 // bm)).to(dev),
-                      q.block, delta)
+        w = fp8_merge(read_rows(weight_file, weight, r0, r1).to(dev),
+                      read_rows(scale_file, scale, r0 // bm, -(-r1 // bm)).to(dev), q.block, delta)
         if compute.check_finite and not math.isfinite(float(w.sum())):
             raise NonFiniteError(f"merged fp8 weight has NaN/Inf in rows {r0}..{r1}", tensor=weight.name,
                                  fix="check the adapter's scale and weights")
@@ -201,12 +204,21 @@ def fp8_jobs(tp: TensorPlan, read_rows: RowReader, adapters: Sequence[AdapterRea
         yield Job(tp.name, nbytes, lambda buf, r0=r0, r1=r1, n=nbytes: fill(r0, r1, n, buf))
 
 
+def row_reader(reader: ShardReader, others: OtherShards | None) -> RowReader:
+    """A `RowReader`: this shard through `reader`, others through `others` (default: the files beside it)."""
+    others = others if others is not None else OtherShards.local(reader.path.parent)
+
+    def rows(file: str | None, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+        return reader.read_rows(info, r0, r1) if file is None else others.rows(file, info, r0, r1)
+    return rows
+
+
 def merged_jobs(tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
-                scratch: Scratch, read_rows: RowReader | None = None) -> Iterator[Job]:
+                scratch: Scratch, others: OtherShards | None = None) -> Iterator[Job]:
     """Row blocks of a patched, replaced or fp8 tensor, in file order. The factors are loaded when the first
     job is asked for (in file order, one tensor's factors at a time)."""
     if tp.quant is not None:
-        yield from fp8_jobs(tp, read_rows or reader.read_rows, adapters, compute)
+        yield from fp8_jobs(tp, row_reader(reader, others), adapters, compute)
         return
     yield from _TensorMerge(tp, reader, adapters, compute, scratch).jobs()
 

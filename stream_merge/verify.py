@@ -61,9 +61,10 @@ def _tensor_at(header: ShardHeader, offset: int) -> str:
 
 
 def _rebuild_plan(record: dict) -> MergePlan:
-    from .runner import config_from_journal, plan_merge
+    from .config import config_from_record
+    from .runner import plan_merge
 
-    return plan_merge(config_from_journal(record["inputs"], record.get("options", {})))[0]
+    return plan_merge(config_from_record(record["inputs"], record.get("options", {})))[0]
 
 
 def _compare(out: Path, plan: MergePlan, file: str, header: ShardHeader | None, report: VerifyReport) -> None:

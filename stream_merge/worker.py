@@ -20,7 +20,7 @@ from .pipeline import Chunk, out_header, shard_chunks, shard_jobs
 from .recipes import Recipe, cannot_overflow, choose_recipe
 from .records import ShardPlan, ShardResult
 from .safetensors_io import AtomicFile, ShardReader
-from .tensor_jobs import RowReader
+from .shard_rows import OtherShards
 
 __all__ = ["BufferPool", "Chunk", "Compute", "Recipe", "Scratch", "cannot_overflow", "choose_recipe",
            "compute_threads", "frozen_gc", "merge_shard", "out_header", "publish", "shard_chunks", "shard_jobs",
@@ -92,18 +92,18 @@ class _Writer:
 
 def write_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
                 compute: Compute, on_bytes: Callable[[int], None] = lambda n: None, checksum: bool = True,
-                read_rows: RowReader | None = None) -> tuple[AtomicFile, ShardResult]:
+                others: OtherShards | None = None) -> tuple[AtomicFile, ShardResult]:
     """Write the merged shard to a temp file beside `out_path`; it is published (fsync, rename) by
     `commit()` on the returned AtomicFile, which the runner does on another thread while the next shard is
-    merged. The result's size (and sha256, with `checksum`) are already final. `read_rows` reads tensors
-    of other shards (fp8 scales stored apart from their weight)."""
+    merged. The result's size (and sha256, with `checksum`) are already final. `others` reads tensors
+    of other shards (fp8 scales stored apart from their weight; default: the files beside this one)."""
     t0 = time.perf_counter()
     out = AtomicFile(out_path, digest=checksum, direct=compute.direct_io)
     writer: _Writer | None = None
     try:
         pool = compute.pool()
         writer = _Writer(out, pool, on_bytes, compute.queue_bound)
-        chunks = shard_chunks(shard, reader, adapters, compute, pool, read_rows)
+        chunks = shard_chunks(shard, reader, adapters, compute, pool, others)
         try:
             for _, buf, n in chunks:
                 writer.submit(buf, n)
@@ -122,9 +122,9 @@ def write_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapte
 
 def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
                 compute: Compute, on_bytes: Callable[[int], None] = lambda n: None, checksum: bool = True,
-                read_rows: RowReader | None = None) -> ShardResult:
+                others: OtherShards | None = None) -> ShardResult:
     """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
-    out, result = write_shard(shard, reader, adapters, out_path, compute, on_bytes, checksum, read_rows)
+    out, result = write_shard(shard, reader, adapters, out_path, compute, on_bytes, checksum, others)
     publish(out)
     return result
 

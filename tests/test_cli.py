@@ -109,3 +109,75 @@ def test_config_file_and_flags(pair: tuple[Path, Path], tmp_path: Path) -> None:
 def test_python_dash_m_and_version() -> None:
     r = subprocess.run([sys.executable, "-m", "stream_merge", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("stream-merge ")
+
+
+def test_closed_stdout_or_stderr_does_not_fail_a_merge(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = pair
+    cmd = [sys.executable, "-m", "stream_merge"]
+    for i, redirect in enumerate((">&-", "2>&-", ">&- 2>&-", "<&- >&-")):
+        out = tmp_path / f"out{i}"
+        line = " ".join([*cmd, "merge", str(base), str(adapter), "-o", str(out), "--device", "cpu"])
+        r = subprocess.run(f"{line} {redirect}", shell=True, capture_output=True, text=True)
+        assert r.returncode == 0, (redirect, r.stderr)
+        assert "Traceback" not in r.stderr and (out / "model.safetensors.index.json").exists()
+        assert run_cli("verify", out).returncode == 0  # nothing meant for stdout went into a file of OUT
+    for args in (["plan", str(base), str(adapter)], ["verify", str(tmp_path / "out0")], ["--version"]):
+        r = subprocess.run(" ".join([*cmd, *args]) + " >&-", shell=True, capture_output=True, text=True)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+    # and an error still reaches the closed-stdout user's stderr as one line, exit 2
+    r = subprocess.run(" ".join([*cmd, "merge", str(base), str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) + " >&-",
+                       shell=True, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_merge_help_ends_with_two_examples() -> None:
+    r = run_cli("merge", "--help")
+    tail = r.stdout.split("examples:")[-1]
+    assert r.returncode == 0 and r.stdout.rstrip().endswith(tail.rstrip())
+    commands = [ln.strip() for ln in tail.splitlines() if ln.strip().startswith("stream-merge merge ")]
+    assert len(commands) == 2
+    assert "./" in commands[0] and "--push-to-hub" not in commands[0]  # a local adapter
+    assert "--push-to-hub" in commands[1] and not commands[1].split()[2].startswith(".")  # Hub to Hub
+
+
+def test_plan_with_problems_plans_once(pair: tuple[Path, Path], monkeypatch, capsys) -> None:
+    from stream_merge import cli, runner
+
+    base, adapter = pair
+    edit_json(adapter / "adapter_config.json", r=8)
+    calls = []
+    real = runner.plan_merge
+    monkeypatch.setattr(runner, "plan_merge", lambda cfg: calls.append(cfg) or real(cfg))
+    assert cli.main(["plan", str(base), str(adapter), "--json"]) == 2
+    shown = json.loads(capsys.readouterr().out)
+    assert len(calls) == 1 and len(shown["problems"]) == 14
+
+
+def test_python_api_merge_plan_verify_finalize(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import stream_merge
+    from stream_merge.errors import ConfigError, PlanError
+
+    base, adapter = pair
+    for name in ("merge", "plan", "verify_output", "finalize"):
+        doc = getattr(stream_merge, name).__doc__
+        assert "Args:" in doc and "Returns:" in doc and "Raises:" in doc, name
+    out = tmp_path / "out"
+    report = stream_merge.merge(base, adapter, out, device="cpu")
+    assert report.plan.patched_tensors == 14 and len(report.shards) == 10
+    assert stream_merge.plan(base, [adapter]).patched_tensors == 14
+    assert stream_merge.verify_output(out).ok
+    assert len(stream_merge.finalize(out).shards) == 10
+    try:
+        stream_merge.merge(base, adapter, tmp_path / "o2", copy_extras=False)
+    except ConfigError as exc:
+        assert "copy_extras" in str(exc)
+    else:
+        raise AssertionError("copy_extras was accepted")
+    assert not (tmp_path / "o2").exists()
+    edit_json(adapter / "adapter_config.json", r=8)
+    try:
+        stream_merge.plan(base, adapter)
+    except PlanError as exc:
+        assert exc.plan is not None and len(exc.plan.problems) == 14
+    else:
+        raise AssertionError("a plan with problems passed")

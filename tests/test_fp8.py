@@ -21,14 +21,16 @@ SHAPES = {P + "self_attn.q_proj.weight": (256, 384), P + "self_attn.o_proj.weigh
           P + "mlp.down_proj.weight": (384, 300)}  # 300: a partial last scale block
 
 
-def _fp8_base(root: Path, quant: dict | None = None) -> Path:
+def _fp8_base(root: Path, quant: dict | None = None, apart: bool = False) -> Path:
+    """Two shards of fp8 weights with their block scales (`apart`: each scale in the other shard than its
+    weight, as DeepSeek-V3's checkpoints have some), a bf16 embedding and a norm."""
     g = torch.Generator().manual_seed(0)
     shards: list[dict[str, torch.Tensor]] = [{}, {}]
     for i, (name, shape) in enumerate(SHAPES.items()):
         w = torch.randn(shape, generator=g) * 0.05
         q, s = quantize(w, BLOCK)
         shards[i % 2][name] = q
-        shards[i % 2][name + "_scale_inv"] = s
+        shards[(i + apart) % 2][name + "_scale_inv"] = s
     shards[0]["model.embed_tokens.weight"] = torch.randn(64, 384, generator=g).to(torch.bfloat16)
     shards[1][P + "input_layernorm.weight"] = torch.ones(384, dtype=torch.bfloat16)
     root.mkdir(parents=True)
@@ -132,3 +134,95 @@ def test_other_quantized_bases_are_refused(tmp_path: Path, quant: dict, word: st
         stream_merge.merge(base, adapter, tmp_path / "out")
     assert word in str(exc.value) and "16-bit" in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    return json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+@pytest.mark.parametrize("dequant", [False, True], ids=["requant", "dequant"])
+def test_scales_in_another_shard_merge_as_if_together(tmp_path: Path, dequant: bool) -> None:
+    """Issue 12 item 5: an fp8 weight whose weight_scale_inv lives in another shard merges to the same
+    tensors as when they share a shard (both modes, small blocks), in the base's own layout."""
+    together, apart = _fp8_base(tmp_path / "together"), _fp8_base(tmp_path / "apart", apart=True)
+    wmap = _weight_map(apart)
+    assert all(wmap[n] != wmap[n + "_scale_inv"] for n in SHAPES)
+    adapter, _ = _adapter(tmp_path / "adapter")
+    flags = ["--dequantize"] if dequant else []
+    for base in (together, apart):
+        r = run_cli("plan", base, adapter, *flags)
+        assert r.returncode == 0 and "same shard" not in r.stdout + r.stderr, r.stdout + r.stderr
+        r = run_cli("merge", base, adapter, "-o", tmp_path / f"out-{base.name}", "--quiet", "--block-size-mb", "1",
+                    *flags)
+        assert r.returncode == 0, r.stderr
+    want, got = folder_tensors(tmp_path / "out-together"), folder_tensors(tmp_path / "out-apart")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
+    out_map = _weight_map(tmp_path / "out-apart")
+    assert out_map == {k: v for k, v in wmap.items() if k in out_map}
+    assert run_cli("verify", tmp_path / "out-apart", "--full").returncode == 0
+
+
+def test_scales_in_another_shard_with_workers(tmp_path: Path) -> None:
+    """--worker I/N: each worker reads the partner rows of the other worker's shard; finalize completes."""
+    base = _fp8_base(tmp_path / "base", apart=True)
+    adapter, _ = _adapter(tmp_path / "adapter")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert run_cli("merge", base, adapter, "-o", ref, "--quiet").returncode == 0
+    for i in range(2):
+        r = run_cli("merge", base, adapter, "-o", out, "--worker", f"{i}/2", "--quiet")
+        assert r.returncode == 0, r.stderr
+    if not (out / "model.safetensors.index.json").exists():
+        assert run_cli("finalize", out).returncode == 0
+    for f in ref.glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_partner_rows_are_read_block_by_block(tmp_path: Path) -> None:
+    """Only the partner's rows of each block are read from the other shard, never the whole shard."""
+    from stream_merge.records import TensorInfo
+    from stream_merge.safetensors_io import read_header_file
+    from stream_merge.shard_rows import OtherShards, read_local_range
+
+    base = _fp8_base(tmp_path / "base", apart=True)
+    reads: list[tuple[str, int, int]] = []
+    local = read_local_range(base)
+
+    def spy(file: str, start: int, end: int) -> bytes:
+        reads.append((file, start, end))
+        return local(file, start, end)
+
+    name = P + "self_attn.q_proj.weight"
+    file = _weight_map(base)[name]
+    header = read_header_file(base / file, file)
+    others = OtherShards(spy, {file: header})
+    info = header.by_name[name]
+    rows = others.rows(file, info, 128, 256)
+    assert torch.equal(rows.view(torch.uint8), folder_tensors(base)[name][128:256].view(torch.uint8))
+    assert reads == [(file, header.data_offset + info.start + 128 * 384, header.data_offset + info.start + 256 * 384)]
+    moved = TensorInfo(info.name, info.dtype, info.shape, info.start + 1, info.end + 1)
+    with pytest.raises(Exception, match="not where the plan found it"):
+        others.rows(file, moved, 0, 1)
+
+
+@pytest.mark.hub
+def test_scales_in_another_shard_from_a_hub_base(hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A Hub base: the partner's rows come by range requests (the other shard is not downloaded for them);
+    the output equals a local merge."""
+    from hub_server import hub_env
+
+    base = _fp8_base(tmp_path / "base", apart=True)
+    adapter, _ = _adapter(tmp_path / "adapter")
+    ref = tmp_path / "ref"
+    assert run_cli("merge", base, adapter, "-o", ref, "--quiet").returncode == 0
+    hub.add_commit("org/fp8", {p.name: p for p in base.iterdir()})
+    out = tmp_path / "out"
+    r = run_cli("merge", "org/fp8", adapter, "-o", out, "--quiet", "--block-size-mb", "1",
+                env=hub_env(hub, tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    for f in ref.glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    partner_reads = [q for q in hub.requests("GET", "/org/fp8/resolve/") if q.range is not None
+                     and q.path.endswith(".safetensors") and not q.range.startswith("bytes=0-")]
+    assert partner_reads  # rows of the other shard by range requests (headers are read from byte 0)
