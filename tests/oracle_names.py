@@ -100,6 +100,13 @@ FAMILY_DISK_NAMES = {
     ("deit", "DeiTForImageClassificationWithTeacher"): [
         "deit.encoder.layer.0.attention.attention.query.weight", "deit.encoder.layer.0.output.dense.weight",
         "deit.encoder.layer.0.intermediate.dense.bias", "cls_classifier.weight"],
+    ("beit", "BeitForImageClassification"): [
+        "beit.encoder.layer.2.attention.attention.query.weight", "beit.encoder.layer.2.attention.attention.q_bias",
+        "beit.encoder.layer.2.attention.output.dense.weight", "beit.encoder.layer.2.intermediate.dense.weight",
+        "beit.encoder.layer.2.output.dense.weight", "beit.encoder.layer.2.lambda_1", "classifier.weight"],
+    ("vit_mae", "ViTMAEForPreTraining"): [
+        "vit.encoder.layer.0.attention.attention.key.weight", "vit.encoder.layer.0.output.dense.weight",
+        "decoder.decoder_layers.0.attention.attention.query.weight", "decoder.decoder_pred.weight"],
     ("dinov2", "Dinov2Model"): [
         "encoder.layer.1.attention.attention.query.weight", "encoder.layer.1.attention.attention.value.bias",
         "encoder.layer.1.attention.output.dense.weight", "encoder.layer.1.mlp.fc1.weight",
