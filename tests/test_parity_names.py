@@ -178,3 +178,12 @@ def test_builtin_table_agrees_with_transformers(family: tuple[str, str]) -> None
     names = FAMILY_DISK_NAMES[family]
     assert [ours(n) for n in names] == [theirs(n) for n in names]
     assert sum(ours(n) != n for n in names) >= 3
+
+
+def test_plan_shows_via_rename(vit: Path, vit_adapter: Path) -> None:
+    from conftest import run_cli
+
+    proc = run_cli("plan", vit, vit_adapter)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("vit.layers.0.attention.q_proj "))
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in line and line.endswith("rename (transformers)")
