@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_line(machine)}")
     print(f"model:   {human(base_bytes)} bf16, {info['params']['shape']}, {info['shards']} shard(s) of at most "
           f"{human(args.shard_size)}; adapter rank {args.rank} on q/k/v/o/gate/up/down ({human(info['adapter_bytes'])})")
-    print(f"engine:  stream-merge {engine.get('version')} at {engine.get('commit', '?')[:12]} "
+    print(f"engine:  stream-merge {engine.get('version')} at {(engine.get('commit') or '?')[:12]} "
           f"({engine.get('uncommitted_files', '?')} uncommitted file(s) in stream_merge/, source "
           f"sha256 {engine.get('tree_sha256')}); load average {machine['loadavg']}")
     print(f"command: {invocation}", flush=True)

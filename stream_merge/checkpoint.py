@@ -8,8 +8,10 @@ index cannot make us read or write outside the folder.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointFormatError, InputError
@@ -20,27 +22,61 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def load_json(path: Path, what: str) -> Any:
+def regular_file(path: Path, what: str) -> Path:
+    """`path` if it is a regular file (after following links); a FIFO, device, socket or folder is refused,
+    because opening or reading it could block for ever or never end."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise InputError(f"{what} not found", file=str(path)) from None
+    except OSError as exc:
+        raise InputError(f"{what} cannot be read ({exc.strerror})", file=str(path)) from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise InputError(f"{what} is {kind}, not a regular file", file=str(path),
+                         fix="replace it with the real file")
+    return path
+
+
+def load_json(path: Path, what: str) -> Any:
+    """A JSON file of an input; a missing, special or unreadable file or invalid JSON is an InputError."""
+    regular_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{what} is not valid JSON ({exc})", file=str(path),
                          fix="re-download or fix the file") from None
+    except OSError as exc:
+        raise InputError(f"{what} cannot be read ({exc.strerror})", file=str(path)) from None
+
+
+def load_model_config(path: Path) -> dict[str, Any]:
+    """A model's config.json: must be a JSON object."""
+    config = load_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise InputError(f"config.json is not a JSON object (it holds a {type(config).__name__})", file=str(path),
+                         fix="re-download the model's config.json")
+    return config
 
 
 def check_shard_name(name: object, index_file: str) -> str:
-    """Accept only a relative path inside the checkpoint folder that ends in .safetensors."""
+    """Accept only a plain *.safetensors file name next to the index: no path outside the checkpoint folder,
+    and no sub-folder (the output is written flat, so such a checkpoint could never be completed)."""
     ok = isinstance(name, str) and name.endswith(".safetensors") and "\\" not in name
     if ok:
-        p = PurePosixPath(name)
-        ok = (not p.is_absolute() and ".." not in p.parts and "." not in p.parts and "" not in name.split("/")
-              and name.isprintable())
+        parts = name.split("/")  # not PurePosixPath(name).parts: it drops "." parts
+        ok = not name.startswith("/") and not {"", ".", ".."} & set(parts) and name.isprintable()
     if not ok:
         raise CheckpointFormatError(
             f"index names an unsafe or invalid shard file {name!r}", file=index_file,
             fix="shard entries must be plain relative *.safetensors names inside the checkpoint folder")
+    if "/" in name:  # type: ignore[operator]
+        raise CheckpointFormatError(
+            f"index names a shard in a sub-folder ({name!r}); stream-merge writes every shard next to the index",
+            file=index_file, fix="move the shards next to model.safetensors.index.json and drop the folder from "
+                                 "the index's weight_map")
     return name  # type: ignore[return-value]
 
 
@@ -49,10 +85,10 @@ def read_index(root: Path, header_reader: Callable[[str], ShardHeader] | None = 
     """Build the BaseIndex of a local folder. `header_reader(shard_name)` lets remote sources plug in
     their own range-request reader; by default headers are read from `root`."""
     label = label or str(root)
-    read = header_reader or (lambda name: read_header_file(root / name, name))
+    read = header_reader or (lambda name: read_header_file(regular_file(root / name, f"shard {name}"), name))
     index_path = root / INDEX_NAME
-    if config is None and (root / "config.json").exists():
-        config = load_json(root / "config.json", "config.json")
+    if config is None and os.path.lexists(root / "config.json"):
+        config = load_model_config(root / "config.json")
     if index_path.exists():
         index = load_json(index_path, "checkpoint index")
         wmap = index.get("weight_map") if isinstance(index, dict) else None

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Re-running the same command on the same OUT resumes.",
                        epilog=MERGE_EXAMPLES, formatter_class=_Formatter)
     _add_options(m, "merge")
-    m.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    m.add_argument("--quiet", action="store_true", help="no progress (warnings and the summary are still printed)")
     p = sub.add_parser("plan", help="show what a merge would do, without writing anything",
                        description="Print the plan: per shard the tensors patched and copied, the module -> tensor "
                                    "mapping, and every problem found.")
@@ -148,34 +148,75 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Warnings(logging.Handler):
+    """Collects the library's warnings while a command runs, to repeat them in the summary."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg not in self.messages:
+            self.messages.append(msg)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .errors import ConfigError
+    from .progress import Reporter
     from .runner import run
 
     cfg = _config(args)
     if cfg.output is None and not cfg.dry_run:
         raise ConfigError("no output folder", fix="pass -o OUT (or --dry-run to only check)")
-    report = run(cfg, progress=not args.quiet)
-    if args.quiet:
-        return 0
+    reporter = Reporter(quiet=args.quiet)
+    warnings = _Warnings()
+    logging.getLogger("stream_merge").addHandler(warnings)
+    try:
+        report = run(cfg, progress=reporter)
+    finally:
+        logging.getLogger("stream_merge").removeHandler(warnings)
+        reporter.close()
+    _summary(cfg, report, reporter, warnings.messages, args.quiet)
+    return 0
+
+
+def _summary(cfg: Any, report: Any, reporter: Any, warnings: Sequence[str], quiet: bool) -> None:
+    """What happened, on stdout: the totals, what a resume kept, the config changes, the warnings again, the
+    Hub URL and the next step. Printed with --quiet too (which silences only progress)."""
     p = report.plan
     if report.dry_run:
-        _print_plan(p, sys.stdout)
+        if not quiet:
+            _print_plan(p, sys.stdout)
         print("dry run: plan is valid, nothing written")
-        return 0
+        return
     gib = 2**30
+    written = reporter.written(report.shards) if report.resumed_shards else report.bytes_written
     if report.pending:
         print(f"worker {cfg.worker}: {len(report.shards)} shards done ({report.resumed_shards} resumed), "
               f"{report.bytes_written / gib:.2f} GiB in {report.seconds:.1f} s; {len(report.pending)} shards are "
               "left to other workers (the last one writes the index, or run `stream-merge finalize OUT`)")
-        return 0
-    print(f"merged {len(p.adapters)} adapter(s) into {report.output}: {p.patched_tensors} tensors patched, "
-          f"{p.copied_tensors} copied, {len(report.shards)} shards ({report.resumed_shards} resumed), "
-          f"{report.bytes_written / gib:.2f} GiB written in {report.seconds:.1f} s, peak RSS "
-          f"{report.peak_rss_bytes / gib:.2f} GiB")
+    else:
+        print(f"merged {len(p.adapters)} adapter(s) into {report.output}: {p.patched_tensors} tensors patched, "
+              f"{p.copied_tensors} copied, {len(report.shards)} shards ({report.resumed_shards} resumed), "
+              f"{report.bytes_written / gib:.2f} GiB written in {report.seconds:.1f} s, peak RSS "
+              f"{report.peak_rss_bytes / gib:.2f} GiB")
+    if report.resumed_shards:
+        print(f"resumed: {written / gib:.2f} GiB written by this run, {(report.bytes_written - written) / gib:.2f} "
+              f"GiB ({report.resumed_shards} shards) kept from an earlier run")
+    for key, value in p.config_updates.items():
+        print(f"config.json: {key} -> {value}")
+    if warnings:
+        print(f"warnings ({len(warnings)}, also shown above):")
+        for w in warnings:
+            print(f"  - {w}")
+    if report.pending:
+        return
     if cfg.push_to_hub:
-        print(f"pushed to {cfg.push_to_hub}")
-    return 0
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        print(f"pushed to {cfg.push_to_hub}: {endpoint}/{cfg.push_to_hub}")
+    print(f"next: stream-merge verify {report.output}  (then load it like the base, e.g. "
+          f"AutoModelForCausalLM.from_pretrained({report.output!r}))")
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:
@@ -195,11 +236,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not report.ok:
         print(f"error: {args.output}: verification failed ({len(report.problems)} problem(s))", file=sys.stderr)
         return 1
-    extra = f", {len(report.recomputed)} recomputed" if report.recomputed else ""
-    print(f"ok: {report.shards_checked} shards match the record{extra}")
-    if report.unchecked:
-        print(f"note: the bytes of {len(report.unchecked)} shard(s) were not checked: no checksums were recorded "
-              f"(merge with --checksums) and the recorded inputs are not available to recompute them")
+    for line in report.summary():
+        print(line)
     return 0
 
 
@@ -244,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        # huggingface_hub's own bars: none in logs (raw carriage returns) and none when asked for quiet
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)

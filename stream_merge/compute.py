@@ -2,7 +2,7 @@
 
 An output shard is a list of `Job`s in file order (see `pipeline`); each fills one fixed-size buffer from a
 `BufferPool` (or hands back a view of the base for untouched bytes). `Scratch` holds per-thread fp32 tensors
-reused from block to block. Nothing here knows about tensors plans or LoRA: it is the machinery the jobs run on.
+reused from block to block. Nothing here knows about tensor plans or LoRA: it is the machinery the jobs run on.
 """
 
 from __future__ import annotations

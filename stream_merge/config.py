@@ -40,8 +40,9 @@ class MergeConfig:
     strict: bool = opt(False, coerce=o.flag, flags=("--strict",), record=True, fingerprint=True,
                        help="treat compatibility warnings (adapter trained on another model) as errors")
     untie: bool = opt(False, coerce=o.flag, flags=("--untie",), record=True, fingerprint=True,
-                      help="for bases that tie lm_head to embed_tokens: write a separate lm_head.weight so an adapter "
-                           "may change either one (sets tie_word_embeddings=false)")
+                      help="for bases with tied weights (lm_head and embed_tokens, T5/BART shared, BERT MLM head): "
+                           "write each tied tensor separately so an adapter may change one (sets "
+                           "tie_word_embeddings=false)")
     dequantize: bool = opt(False, coerce=o.flag, flags=("--dequantize",), record=True, fingerprint=True,
                            help="fp8 block-quantized bases: write every fp8 weight as bf16 and drop the scales, "
                                 "instead of re-quantizing the patched weights")

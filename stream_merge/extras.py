@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import INDEX_NAME
+from .errors import InputError
 from .records import MergePlan, ShardResult, numel
 from .safetensors_io import write_file_atomic
 
@@ -24,14 +25,39 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 MAX_SIDE_FILE = 256 * 1024 * 1024
 
 
+def is_side_file(name: str, size: int) -> bool:
+    """The one rule for which files of a base are carried over: top level (no '/'), not hidden, a config /
+    tokenizer / processor / code / licence pattern, not weights or our own records, at most MAX_SIDE_FILE."""
+    return ("/" not in name and not name.startswith(".") and size <= MAX_SIDE_FILE
+            and any(fnmatch.fnmatch(name, g) for g in SIDE_FILES)
+            and not any(fnmatch.fnmatch(name, g) for g in NOT_SIDE_FILES))
+
+
+def link_inside(folder: Path, path: Path) -> bool:
+    """Whether `path` (maybe a symlink) stays inside `folder`, or, for a folder of an HF cache snapshot
+    (`.../snapshots/<sha>/...`), inside that repo's own blob store, where the cache's links point."""
+    real = path.resolve()
+    if real.is_relative_to(folder.resolve()):
+        return True
+    for anc in (folder, *folder.parents):
+        if anc.parent.name == "snapshots":
+            return real.is_relative_to((anc.parent.parent / "blobs").resolve())
+    return False
+
+
+def checked_side_file(folder: Path, path: Path) -> Path:
+    """`path`, refused when it is a link out of `folder` (it would copy, and push, a file from elsewhere)."""
+    if path.is_symlink() and not link_inside(folder, path):
+        raise InputError(f"{path.name} is a symbolic link to a file outside the folder ({path.resolve()})",
+                         file=str(path), fix="replace the link with a copy of the file, or remove it")
+    return path
+
+
 def side_files(folder: Path) -> list[Path]:
-    """Top-level non-weight files worth carrying over (config, tokenizer, processor, code, licence)."""
-    out = []
-    for p in sorted(folder.iterdir()):
-        if (p.is_file() and not p.name.startswith(".") and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILES)
-                and not any(fnmatch.fnmatch(p.name, g) for g in NOT_SIDE_FILES) and p.stat().st_size <= MAX_SIDE_FILE):
-            out.append(p)
-    return out
+    """Top-level non-weight files worth carrying over (config, tokenizer, processor, code, licence). A link
+    that leaves `folder` is refused (InputError naming it); FIFOs, devices and folders are never side files."""
+    return [checked_side_file(folder, p) for p in sorted(folder.iterdir())
+            if is_side_file(p.name, 0) and p.is_file() and p.stat().st_size <= MAX_SIDE_FILE]
 
 
 def patched_config(raw: bytes, updates: Mapping[str, Any]) -> bytes:
@@ -60,24 +86,13 @@ def copy_side_files(base_dir: Path, adapter_dirs: Sequence[Path], out: Path, upd
     for adir in adapter_dirs:
         for name in TOKENIZER_FILES:
             if (adir / name).is_file():
-                chosen[name] = adir / name
+                chosen[name] = checked_side_file(adir, adir / name)
     for name, src in chosen.items():
         data = src.read_bytes()
         if name == "config.json":
             data = patched_config(data, updates)
         write_file_atomic(out / name, data)
     return sorted(chosen)
-
-
-def model_card(plan: MergePlan, base_label: str, adapter_labels: Sequence[str]) -> bytes:
-    adapters = "\n".join(f"- `{a}` (weight {s.weight:g})" for a, s in zip(adapter_labels, plan.adapters))
-    front = "\n".join(["---", f"base_model: {json.dumps(base_label)}", "library_name: transformers",
-                       "tags:", "- merge", "- lora", "- stream-merge", "---", ""])
-    body = (f"# Merged model\n\nThis checkpoint is `{base_label}` with these LoRA adapters merged into its weights "
-            f"(W' = W + scale·B·A) by stream-merge:\n\n{adapters}\n\n"
-            f"{plan.patched_tensors} tensors were changed and {plan.copied_tensors} copied unchanged. "
-            f"See `{RECORD_NAME}` for the exact inputs, options and output shards.\n")
-    return (front + body).encode()
 
 
 def index_json(plan: MergePlan) -> bytes:

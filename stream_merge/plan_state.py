@@ -39,7 +39,7 @@ class PlanState:
     mapping: list[ModuleMapping] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
-    head_base: Replacement | None = None  # PEFT's saved `lm_head.base_layer.weight` on a tied base
+    tie_groups: tuple | None = None  # ties.groups_of: the base's tied groups, computed once
     fp8_block: tuple[int, int] | None = None  # fp8 block-quantized base: the scale block shape
 
     def config(self, key: str) -> Any:

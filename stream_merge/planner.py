@@ -21,7 +21,7 @@ from .plan_params import plan_param
 from .plan_state import PlanOptions, PlanState
 from .records import (FLOAT_DTYPES, AdapterSpec, BaseIndex, MergePlan, Replacement, ShardHeader, ShardPlan,
                       TensorPlan)
-from .ties import TIE_HELP, _is_head, _tie_policy, _tied_head, vocab_row_tensor
+from .ties import _is_head, _tie_policy, add_alias_replacement, tied_alias, vocab_row_tensor
 
 __all__ = ["PlanOptions", "build_plan"]
 
@@ -43,16 +43,9 @@ def _replacement_reason(pk: ParsedKey, spec: AdapterSpec) -> str:
 
 
 def _unmatched_replacement(state: PlanState, idx: int, pk: ParsedKey, reason: str, shape: tuple[int, ...]) -> None:
-    """A replacement whose target is not in the base: PEFT's saved head of a tied base, or a problem."""
+    """A replacement whose target is not in the base: a tied member absent from disk (see ties), or a problem."""
     target = pk.replace_target
-    if _is_head(target) and _tied_head(state.base):
-        if reason == "saved base layer" and state.head_base is None:
-            # PEFT saves the head it wrapped (= the tied embedding) next to a LoRA on lm_head
-            state.head_base = Replacement(target, idx, pk.key, reason, shape)
-        else:
-            state.problems.append(f"adapter {idx} key {pk.key!r} replaces lm_head ({reason}), but {TIE_HELP}; "
-                                  "untying a trained head copy is not supported")
-    else:
+    if not add_alias_replacement(state, idx, pk.key, target, reason, shape):
         state.problems.append(
             f"adapter {idx} key {pk.key!r} ({reason}) matched no base tensor (looked for {target!r}); "
             "a task head such as 'score' or 'classifier' does not exist in a CausalLM checkpoint, "
@@ -144,7 +137,7 @@ def _check_originals(state: PlanState, idx: int, originals: Sequence[ParsedKey])
     """A wrapper's untrained original is never merged, but it must come with the trained copy it stands for."""
     for pk in originals:
         target, _, _ = state.resolver.resolve(pk.replace_target)
-        rep = state.replacements.get(target or "")
+        rep = state.replacements.get(target or tied_alias(state, pk.replace_target) or "")
         if rep is None or rep.adapter != idx:
             state.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original module "
                                   "but the file has no trained copy of it to merge")
@@ -202,8 +195,8 @@ def _plan_one_module(state: PlanState, idx: int, spec: AdapterSpec, module: str,
     if info is None:
         if via == "ambiguous":
             return
-        if _is_head(module) and _tied_head(state.base):
-            state.head_modules.append((idx, module, roles))
+        if tied_alias(state, module + ".weight") is not None:
+            state.head_modules.append((idx, module, roles))  # LoRA on a tied member absent from disk
         else:
             state.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); is this "
                                   "adapter for another model? else add a key_map rule")
@@ -216,8 +209,8 @@ def _plan_one_module(state: PlanState, idx: int, spec: AdapterSpec, module: str,
             "select it (PEFT would ignore them; stream-merge applies them)")
 
 
-def _shard_tensors(state: PlanState, header: ShardHeader, head: TensorPlan | None) -> list[TensorPlan]:
-    """The output tensors of one shard, in the input's order (plus the untied head next to its embedding)."""
+def _shard_tensors(state: PlanState, header: ShardHeader, added: Sequence[TensorPlan]) -> list[TensorPlan]:
+    """The output tensors of one shard, in the input's order, then the untied members whose source it holds."""
     tensor_plans = []
     for t in header.tensors:
         rep = state.replacements.get(t.name)
@@ -228,8 +221,7 @@ def _shard_tensors(state: PlanState, header: ShardHeader, head: TensorPlan | Non
         tensor_plan = quantized if isinstance(quantized, TensorPlan) else TensorPlan(
             name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep, patches=patches)
         tensor_plans.append(tensor_plan if is_fp8_scale(state, t) else out_dtype(tensor_plan, state.options.dtype))
-    if head is not None and head.source.name in header.by_name:
-        tensor_plans.append(out_dtype(head, state.options.dtype))
+    tensor_plans.extend(out_dtype(p, state.options.dtype) for p in added if p.source.name in header.by_name)
     return tensor_plans
 
 
@@ -244,9 +236,9 @@ def _check_resized_vocab(state: PlanState, vocab: int | None) -> None:
             state.problems.append(f"the adapter resizes the vocabulary to {new} but {name!r} keeps {vocab} rows")
 
 
-def _plan_all(state: PlanState, adapters: Sequence[AdapterSpec], vocab: int | None) -> TensorPlan | None:
-    """Every adapter, then the tie policy; returns the untied head tensor, if any. A config regex that
-    backtracks for ever stops planning with a problem naming its key."""
+def _plan_all(state: PlanState, adapters: Sequence[AdapterSpec], vocab: int | None) -> list[TensorPlan]:
+    """Every adapter, then the tie policy; returns the tensors untying adds. A config regex that backtracks
+    for ever stops planning with a problem naming its key."""
     where = ""
     try:
         for idx, spec in enumerate(adapters):
@@ -256,7 +248,7 @@ def _plan_all(state: PlanState, adapters: Sequence[AdapterSpec], vocab: int | No
         return _tie_policy(state, adapters, plan_module)
     except PatternTimeout as exc:
         state.problems.append(f"{where}: {exc}")
-        return None
+        return []
 
 
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:
@@ -269,7 +261,7 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
         state.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole "
                               "weight rows, so the result would depend on the order; merge them one after another "
                               "instead")
-    head = _plan_all(state, adapters, vocab)
+    added = _plan_all(state, adapters, vocab)
     _check_resized_vocab(state, vocab)
     if state.fp8_block is not None and options.dequantize:
         state.config_updates["quantization_config"] = None  # removed from config.json
@@ -277,7 +269,7 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
         dtype_updates(state)
     shards = []
     for h in base.shards:
-        tensor_plans = _shard_tensors(state, h, head)
+        tensor_plans = _shard_tensors(state, h, added)
         shards.append(ShardPlan(file=h.file, tensors=tuple(tensor_plans), in_bytes=h.size,
                                 header_unchanged=len(tensor_plans) == len(h.tensors) and all(
                                     (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)

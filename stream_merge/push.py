@@ -23,16 +23,14 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub import errors as hf_errors
 
 from .checkpoint import INDEX_NAME
-from .errors import HubError, StreamMergeError
-from .hub import is_transient, short_error
+from .errors import HubError
+from .hub_cache import git_blob_sha1
+from .hub_errors import call_with_retries, is_transient, short_error
+from .hub_http import install_timeouts
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")
 MAX_PENDING = 2  # with local_copy=False: shards waiting for upload before the merge waits for the uploader
-
-
-def _git_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class Pusher:
@@ -60,6 +58,7 @@ class Pusher:
     def open(cls, repo_id: str, out: Path, shard_files: Sequence[str], *, token: str | None = None,
              private: bool = False, local_copy: bool = True) -> Pusher:
         """Create the repo if needed and read which of our files it already holds."""
+        install_timeouts()
         p = cls(repo_id, out, token=token, private=private, local_copy=local_copy)
         p.url = str(p._call(lambda: p.api.create_repo(repo_id, private=private, exist_ok=True), "creating the repo"))
         p.remote = p._remote_state([*shard_files, INDEX_NAME])
@@ -152,7 +151,7 @@ class Pusher:
         for name in names:
             data = (self.out / name).read_bytes()
             lfs, oid = remote.get(name, (None, None))
-            if lfs == hashlib.sha256(data).hexdigest() or (lfs is None and oid == _git_sha1(data)):
+            if lfs == hashlib.sha256(data).hexdigest() or (lfs is None and oid == git_blob_sha1(data)):
                 continue
             ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
         if ops:
@@ -181,19 +180,10 @@ class Pusher:
         return out
 
     def _call(self, fn: Callable[[], T], doing: str, retry: bool = True) -> T:
-        """Hub errors as one line naming the repo and the step; transient errors are retried by the client,
-        and once more here for idempotent calls."""
-        for attempt in range(2 if retry else 1):
-            try:
-                return fn()
-            except StreamMergeError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if retry and attempt == 0 and is_transient(exc):
-                    log.warning("push to %s: %s; retrying", self.repo_id, short_error(exc))
-                    continue
-                raise self._error_for(exc, doing) from exc
-        raise AssertionError("unreachable")
+        """Hub errors as one line naming the repo and the step; transient errors of idempotent calls are tried
+        once more (commits are not: the client already retries their uploads)."""
+        return call_with_retries(fn, lambda exc: self._error_for(exc, doing), f"push to {self.repo_id}",
+                                 attempts=2 if retry else 1)
 
     def _error_for(self, exc: BaseException, doing: str) -> BaseException:
         resume = "re-run the same command to resume the push"

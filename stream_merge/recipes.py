@@ -44,10 +44,6 @@ class Recipe:
     delta: str
     check_finite: bool
 
-    @property
-    def name(self) -> str:
-        return f"{self.rule}/{self.base}/{self.delta}"
-
 
 def cannot_overflow(factor: Factor, dtype: torch.dtype) -> bool:
     """True when W + s·B·A is provably finite wherever W is: every |Δ| is at most |s|·r·max|B|·max|A| (no

@@ -29,10 +29,12 @@ from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputError, PlanError
-from .extras import RECORD_NAME, copy_side_files, model_card, shard_entries, write_index, write_record
+from .card import model_card
+from .extras import RECORD_NAME, copy_side_files, shard_entries, write_index, write_record
 from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
 from .partition import parse_worker, split
 from .planner import PlanOptions, build_plan
+from .progress import progress_callback
 from .records import MergePlan, MergeReport, ShardResult
 from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
 from .sources import DOWNLOADS_DIR, Source, resolve_source
@@ -369,7 +371,8 @@ def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequ
     (out / INDEX_NAME).unlink(missing_ok=True)
     results = [_journal_result(journal, s.file) for s in plan.shards]
     side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
-    write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels))
+    write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels, base_dir=base_src.folder(),
+                                                    inputs=inputs))
     write_record(out, {
         "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
         "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
@@ -405,19 +408,6 @@ def finalize(output: str | Path) -> MergeReport:
     return MergeReport(output=str(out), plan=plan, shards=tuple(_journal_result(journal, s.file) for s in plan.shards),
                        seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
                        resumed_shards=len(plan.shards))
-
-
-def progress_callback(plan: MergePlan, wanted: set[str], progress: bool | Progress) -> tuple[Progress, Any]:
-    """(callback(bytes, shard), tqdm bar or None): a bar over the bytes to write, a user callback, or nothing."""
-    if progress is True:
-        from tqdm import tqdm
-
-        total = sum(s.out_data_bytes for s in plan.shards if s.file in wanted)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
-        return (lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))), bar
-    if not progress:
-        return (lambda n, f: None), None
-    return progress, None
 
 
 def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],

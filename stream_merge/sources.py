@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .checkpoint import read_index
+from .checkpoint import read_index, regular_file
 from .errors import InputError
+from .extras import side_files
 from .records import BaseIndex
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
@@ -32,6 +33,9 @@ class Source(Protocol):
 
     def base_index(self, label: str) -> BaseIndex:
         """Index + shard headers, without reading tensor data."""
+
+    def available(self, file: str) -> bool:
+        """Whether the shard can be read without downloading it."""
 
     def prefetch(self, file: str) -> None:
         """Start fetching a shard that will be needed soon (no-op when local)."""
@@ -67,7 +71,12 @@ class LocalSource:
         return self.path
 
     def base_index(self, label: str) -> BaseIndex:
-        return read_index(self.path, label=label)
+        index = read_index(self.path, label=label)
+        side_files(self.path)  # refuses a side file linked out of BASE before any work
+        return index
+
+    def available(self, file: str) -> bool:
+        return (self.path / file).is_file()
 
     def prefetch(self, file: str) -> None:
         pass
@@ -79,7 +88,7 @@ class LocalSource:
         pass
 
     def read_range(self, file: str, start: int, end: int) -> bytes:
-        with open(self.path / file, "rb") as f:
+        with open(regular_file(self.path / file, f"base file {file}"), "rb") as f:
             f.seek(start)
             return f.read(end - start)
 

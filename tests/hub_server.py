@@ -31,9 +31,12 @@ Access control
 
 Request log and faults
     Every request is logged (``server.requests(...)``) before its status line is written, so by the time a
-    client has seen a response its log entry exists. Faults (``add_fault`` and the shortcuts ``drop``,
-    ``corrupt``, ``fail``, ``wrong_etag``, ``delay``) apply to requests whose path matches a pattern, optionally
-    for the first N matching requests only.
+    client has seen a response its log entry exists. Faults (drops, corrupted bodies, error statuses, wrong
+    ETags, delays, ignored ranges) live in ``hub_faults.py``; ``HubServer`` mixes them in.
+
+Scope
+    Model repos only, and only the endpoints stream-merge and its tests use (no datasets/spaces, whoami,
+    DELETE/PATCH, folder deletes or LFS downloads).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as _dt
-import fnmatch
 import hashlib
 import json
 import os
@@ -56,6 +58,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+try:
+    from hub_faults import Fault, FaultInjection, faulty_body
+except ImportError:  # tests/ imported as a package
+    from tests.hub_faults import Fault, FaultInjection, faulty_body
+
 __all__ = [
     "Blob",
     "Commit",
@@ -67,9 +74,9 @@ __all__ = [
     "start_hub_server",
 ]
 
-REPO_TYPES = ("model", "dataset", "space")
-_API_PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
-_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+REPO_TYPES = ("model",)  # stream-merge reads and pushes model repos only
+_API_PLURAL = {"models": "model"}
+_URL_PREFIX = {"model": ""}
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _REPO_ACTIONS = {"revision", "tree", "paths-info", "preupload", "commit", "refs", "resolve", "commits"}
 
@@ -274,41 +281,6 @@ class LoggedRequest:
         return self.headers.get("authorization")
 
 
-@dataclass
-class Fault:
-    """A fault applied to requests whose path matches ``pattern``.
-
-    kind: ``"drop"`` (close the connection after ``after_bytes`` body bytes; ``None`` = before the status
-    line), ``"corrupt"`` (flip one byte every ``every`` bytes of the body, size unchanged), ``"status"``
-    (answer ``status``, default 503), ``"wrong_etag"`` (ETag/X-Linked-Etag that do not match the content),
-    ``"delay"`` (sleep ``seconds`` before answering). ``times``: only the first N matching requests
-    (``None`` = all). ``methods``: defaults to GET for drop/corrupt, to every method otherwise.
-    ``pattern``: a glob (``fnmatch``) if it contains ``*?[``, else a substring, tested against the decoded
-    path; or a callable ``(method, path) -> bool``.
-    """
-
-    pattern: str | Callable[[str, str], bool]
-    kind: str
-    times: int | None = None
-    methods: frozenset[str] | None = None
-    after_bytes: int | None = 0
-    status: int = 503
-    seconds: float = 0.0
-    every: int = 1024
-    hits: int = 0
-
-    def matches(self, method: str, path: str) -> bool:
-        if self.methods is not None and method not in self.methods:
-            return False
-        if self.times is not None and self.hits >= self.times:
-            return False
-        if callable(self.pattern):
-            return bool(self.pattern(method, path))
-        if any(c in self.pattern for c in "*?["):
-            return fnmatch.fnmatchcase(path, self.pattern)
-        return self.pattern in path
-
-
 class _Abort(Exception):
     """Raised inside a handler to stop processing after a deliberate connection drop."""
 
@@ -339,8 +311,8 @@ class _ThreadingServer(ThreadingHTTPServer):
         super().__init__(addr, handler)
 
 
-class HubServer:
-    """An in-process Hub-compatible server. Create it with :func:`start_hub_server`."""
+class HubServer(FaultInjection):
+    """An in-process Hub-compatible server (faults: see ``hub_faults``). Create it with :func:`start_hub_server`."""
 
     def __init__(
         self,
@@ -351,6 +323,7 @@ class HubServer:
         tree_page_size: int = 1000,
         write_token: str | None = None,
     ):
+        super().__init__()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.lfs_dir = self.root / "lfs-objects"
@@ -365,8 +338,6 @@ class HubServer:
         self._lock = threading.RLock()
         self._log: list[LoggedRequest] = []
         self._log_lock = threading.Lock()
-        self._faults: list[Fault] = []
-        self._fault_lock = threading.Lock()
         self._clock = 0
         self._connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
@@ -514,20 +485,12 @@ class HubServer:
             (repo.tags if tag else repo.branches)[name] = commit.sha
             return commit.sha
 
-    def delete_ref(self, repo_id: str, name: str, *, tag: bool = False, repo_type: str = "model") -> None:
-        with self._lock:
-            (self.get_repo(repo_id, repo_type).tags if tag else self.get_repo(repo_id, repo_type).branches).pop(name)
-
     def file_bytes(self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model") -> bytes:
         with self._lock:
             commit = self.get_repo(repo_id, repo_type).resolve(revision)
         if commit is None:
             raise KeyError(revision)
         return commit.files[path].read()
-
-    def file_url(self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model") -> str:
-        return (f"{self.endpoint}/{_URL_PREFIX[repo_type]}{repo_id}/resolve/"
-                f"{quote(revision, safe='')}/{quote(path)}")
 
     # ---------------------------------------------------------------- log
     def _record(self, entry: LoggedRequest) -> None:
@@ -555,68 +518,6 @@ class HubServer:
     def clear_log(self) -> None:
         with self._log_lock:
             self._log.clear()
-
-    # ---------------------------------------------------------------- faults
-    def add_fault(
-        self,
-        pattern: str | Callable[[str, str], bool],
-        kind: str,
-        *,
-        times: int | None = None,
-        methods: Iterable[str] | None = None,
-        after_bytes: int | None = 0,
-        status: int = 503,
-        seconds: float = 0.0,
-        every: int = 1024,
-    ) -> Fault:
-        if kind not in ("drop", "corrupt", "status", "wrong_etag", "delay"):
-            raise ValueError(f"unknown fault kind {kind!r}")
-        if methods is None and kind in ("drop", "corrupt"):
-            methods = ("GET",)
-        fault = Fault(
-            pattern=pattern,
-            kind=kind,
-            times=times,
-            methods=frozenset(m.upper() for m in methods) if methods is not None else None,
-            after_bytes=after_bytes,
-            status=status,
-            seconds=seconds,
-            every=max(1, every),
-        )
-        with self._fault_lock:
-            self._faults.append(fault)
-        return fault
-
-    def drop(self, pattern, after_bytes: int | None, *, times: int | None = 1, methods=None) -> Fault:
-        """Close the connection after ``after_bytes`` body bytes (``None``: before any response)."""
-        return self.add_fault(pattern, "drop", after_bytes=after_bytes, times=times, methods=methods)
-
-    def corrupt(self, pattern, *, times: int | None = None, every: int = 1024, methods=None) -> Fault:
-        """Serve the right number of bytes, with one byte flipped every ``every`` bytes."""
-        return self.add_fault(pattern, "corrupt", times=times, every=every, methods=methods)
-
-    def fail(self, pattern, status: int = 503, *, times: int | None = 1, methods=None) -> Fault:
-        return self.add_fault(pattern, "status", status=status, times=times, methods=methods)
-
-    def wrong_etag(self, pattern, *, times: int | None = None, methods=None) -> Fault:
-        return self.add_fault(pattern, "wrong_etag", times=times, methods=methods)
-
-    def delay(self, pattern, seconds: float, *, times: int | None = None, methods=None) -> Fault:
-        return self.add_fault(pattern, "delay", seconds=seconds, times=times, methods=methods)
-
-    def clear_faults(self) -> None:
-        with self._fault_lock:
-            self._faults.clear()
-
-    def _take_faults(self, method: str, path: str) -> list[Fault]:
-        taken = []
-        with self._fault_lock:
-            for fault in self._faults:
-                if fault.matches(method, path):
-                    fault.hits += 1
-                    taken.append(fault)
-        return taken
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Request handler
@@ -667,12 +568,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
 
     # ------------------------------------------------------------ body
     def _iter_body(self) -> Iterator[bytes]:
@@ -761,33 +656,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_body(self, chunks: Iterable[bytes]) -> None:
         entry = self._entry
-        drop_at = None
-        corrupt_every = None
-        for fault in self._faults:
-            if fault.kind == "drop" and fault.after_bytes is not None:
-                drop_at = fault.after_bytes if drop_at is None else min(drop_at, fault.after_bytes)
-            elif fault.kind == "corrupt":
-                corrupt_every = fault.every
-        pos = 0
-        for chunk in chunks:
-            if not chunk:
-                continue
-            if corrupt_every is not None:
-                buf = bytearray(chunk)
-                first = (-pos) % corrupt_every
-                for i in range(first, len(buf), corrupt_every):
-                    buf[i] ^= 0xFF
-                chunk = bytes(buf)
-            if drop_at is not None and pos + len(chunk) >= drop_at:
-                part = chunk[: drop_at - pos]
-                if part:
-                    entry.bytes_sent += len(part)
-                    self.wfile.write(part)
-                self._drop_now(entry)
+
+        def drop(part: bytes) -> None:
+            if part:
+                entry.bytes_sent += len(part)
+                self.wfile.write(part)
+            self._drop_now(entry)
+
+        for chunk in faulty_body(chunks, self._faults, drop):
             # Counted before the write: once the client has read the bytes, the log already shows them.
             entry.bytes_sent += len(chunk)
             self.wfile.write(chunk)
-            pos += len(chunk)
 
     def _send_bytes(self, status: int, body: bytes, headers: Mapping[str, str] | None = None,
                     content_type: str = "application/json; charset=utf-8") -> None:
@@ -822,7 +701,7 @@ class _Handler(BaseHTTPRequestHandler):
             range=self.headers.get("Range"),
             headers={k.lower(): v for k, v in self.headers.items()},
         )
-        self._faults = self.hub._take_faults(method, decoded)
+        self._faults = self.hub.take_faults(method, decoded)
         self.hub._record(self._entry)
         try:
             for fault in self._faults:
@@ -836,7 +715,7 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _HTTPError(fault.status, f"Injected fault: HTTP {fault.status}",
                                      headers={"Retry-After": "0"} if fault.status in (429, 503) else None)
             for fault in self._faults:
-                if fault.kind in ("corrupt", "wrong_etag"):
+                if fault.kind in ("corrupt", "wrong_etag", "ignore_range"):
                     self._entry.faults.append(fault.kind)
             self._route(method, split.path)
         except _HTTPError as err:
@@ -878,9 +757,6 @@ class _Handler(BaseHTTPRequestHandler):
 
         repo_type = "model"
         rest = segs
-        if segs[0] in ("datasets", "spaces") and len(segs) > 1:
-            repo_type = _API_PLURAL[segs[0]]
-            rest = segs[1:]
         # {repo}.git/info/lfs/objects/batch
         for i, s in enumerate(rest):
             if s.endswith(".git") and rest[i + 1 :] == ["info", "lfs", "objects", "batch"] and i in (0, 1):
@@ -916,8 +792,6 @@ class _Handler(BaseHTTPRequestHandler):
         if segs == ["validate-yaml"] and method == "POST":
             self._json_body()
             return self._send_json(200, {"errors": [], "warnings": []})
-        if segs == ["whoami-v2"] and method == "GET":
-            return self._whoami()
         if segs == ["repos", "create"] and method == "POST":
             return self._create_repo_api()
         if not segs or segs[0] not in _API_PLURAL or len(segs) < 2:
@@ -1016,6 +890,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         start, end, status = 0, blob.size, 200
         rng = self.headers.get("Range")
+        if rng and any(f.kind == "ignore_range" for f in self._faults):
+            rng = None
         if rng:
             parsed = _parse_range(rng, blob.size)
             if parsed == "unsatisfiable":
@@ -1078,8 +954,6 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if repo_type == "model":
             info["modelId"] = repo_id
-        if repo_type == "space":
-            info["sdk"] = "static"
         self._send_json(200, info)
 
     def _refs(self, repo_type: str, repo_id: str) -> None:
@@ -1134,20 +1008,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, entries, headers)
 
     def _paths_info(self, repo_type: str, repo_id: str, revision: str) -> None:
-        raw = self._read_body()
-        ctype = self.headers.get("Content-Type", "")
-        if "json" in ctype:
-            try:
-                data = json.loads(raw or b"{}")
-            except ValueError:
-                raise _HTTPError(400, "Invalid JSON body")
-            paths = data.get("paths", [])
-            paths = paths if isinstance(paths, list) else [paths]
-            expand = bool(data.get("expand"))
-        else:
-            form = parse_qs(raw.decode(), keep_blank_values=True)
-            paths = form.get("paths", [])
-            expand = _truthy(form.get("expand"))
+        form = parse_qs(self._read_body().decode(), keep_blank_values=True)  # the client posts a form
+        paths = form.get("paths", [])
+        expand = _truthy(form.get("expand"))
         with self.hub._lock:
             repo = self._repo(repo_type, repo_id)
             commit = self._commit_at(repo, revision)
@@ -1160,16 +1023,6 @@ class _Handler(BaseHTTPRequestHandler):
             elif p in dirs:
                 out.append(self._dir_entry(repo, commit, p, expand))
         self._send_json(200, out)
-
-    def _whoami(self) -> None:
-        token = self._token()
-        if token is None:
-            raise _HTTPError(401, "Invalid credentials in Authorization header")
-        self._send_json(200, {
-            "type": "user", "id": "0" * 24, "name": "test-user", "fullname": "Test User", "email": None,
-            "emailVerified": False, "canPay": False, "isPro": False, "periodEnd": None, "avatarUrl": "",
-            "orgs": [], "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
-        })
 
     # ------------------------------------------------------------ uploads
     def _create_repo_api(self) -> None:
@@ -1227,9 +1080,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _lfs_batch(self, repo_type: str, repo_id: str) -> None:
         data = self._json_body()
         with self.hub._lock:
-            self._repo(repo_type, repo_id, write=data.get("operation") == "upload")
-        if data.get("operation") not in ("upload", "download"):
-            raise _HTTPError(400, "operation must be upload or download")
+            self._repo(repo_type, repo_id, write=True)
+        if data.get("operation") != "upload":
+            raise _HTTPError(400, "this server only takes LFS uploads")
         objects = []
         for obj in data.get("objects") or []:
             oid, size = obj.get("oid"), obj.get("size")
@@ -1239,14 +1092,11 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             stored = self.hub.lfs_objects.get(oid)
             entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if data["operation"] == "upload":
-                if stored is None or stored.size != size:
-                    entry["actions"] = {
-                        "upload": {"href": f"{self.hub.endpoint}/_lfs/upload/{oid}", "header": {}},
-                        "verify": {"href": f"{self.hub.endpoint}/_lfs/verify/{oid}", "header": {}},
-                    }
-            elif stored is None:
-                entry["error"] = {"code": 404, "message": "Object does not exist"}
+            if stored is None or stored.size != size:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.endpoint}/_lfs/upload/{oid}", "header": {}},
+                    "verify": {"href": f"{self.hub.endpoint}/_lfs/verify/{oid}", "header": {}},
+                }
             objects.append(entry)
         self._send_json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                         content_type="application/vnd.git-lfs+json")
@@ -1312,42 +1162,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HTTPError(412, "A commit has happened since. Please refresh and try again.")
             files: dict[str, Blob] = dict(repo.commits[head_sha].files) if head_sha else {}
             for item in lines[1:]:
-                key, value = item.get("key"), item.get("value") or {}
-                path = str(value.get("path", "")).strip("/")
-                if key == "file":
-                    if value.get("encoding", "base64") != "base64":
-                        raise _HTTPError(400, "Only base64 encoding is supported")
-                    try:
-                        content = base64.b64decode(value.get("content", ""), validate=True)
-                    except (binascii.Error, ValueError):
-                        raise _HTTPError(400, f"Invalid base64 for {path}")
-                    files[path] = hub._blob(path, content, lfs=False)
-                elif key == "lfsFile":
-                    oid = value.get("oid")
-                    blob = hub.lfs_objects.get(oid) if isinstance(oid, str) else None
-                    if blob is None:
-                        # Also accept an LFS object already present in this repo (copies).
-                        blob = next((b for c in repo.commits.values() for b in c.files.values()
-                                     if b.lfs and b.sha256 == oid), None)
-                    if blob is None:
-                        raise _HTTPError(422, f"LFS object {oid} for {path} was not uploaded")
-                    if value.get("size") is not None and value["size"] != blob.size:
-                        raise _HTTPError(422, f"LFS object {oid} size mismatch")
-                    files[path] = blob
-                elif key == "deletedFile":
-                    if path not in files:
-                        raise _HTTPError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
-                    del files[path]
-                elif key == "deletedFolder":
-                    prefix = path + "/"
-                    doomed = [p for p in files if p.startswith(prefix)]
-                    if not doomed:
-                        raise _HTTPError(404, f"A folder with this name doesn't exist: {path}",
-                                         code="EntryNotFound")
-                    for p in doomed:
-                        del files[p]
-                else:
-                    raise _HTTPError(400, f"Unsupported commit operation {key!r}")
+                self._apply_commit_op(repo, files, item)
             message = summary + ("\n\n" + header["description"] if header.get("description") else "")
             commit = hub._make_commit(repo, files, head_sha, message)
             pr_url = None
@@ -1365,6 +1180,38 @@ class _Handler(BaseHTTPRequestHandler):
             "hookOutput": "",
         })
 
+
+    def _apply_commit_op(self, repo: HubRepo, files: dict[str, Blob], item: dict) -> None:
+        """Apply one ndjson commit line (file, lfsFile or deletedFile) to the snapshot being built."""
+        hub = self.hub
+        key, value = item.get("key"), item.get("value") or {}
+        path = str(value.get("path", "")).strip("/")
+        if key == "file":
+            if value.get("encoding", "base64") != "base64":
+                raise _HTTPError(400, "Only base64 encoding is supported")
+            try:
+                content = base64.b64decode(value.get("content", ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise _HTTPError(400, f"Invalid base64 for {path}")
+            files[path] = hub._blob(path, content, lfs=False)
+        elif key == "lfsFile":
+            oid = value.get("oid")
+            blob = hub.lfs_objects.get(oid) if isinstance(oid, str) else None
+            if blob is None:
+                # Also accept an LFS object already present in this repo (copies).
+                blob = next((b for c in repo.commits.values() for b in c.files.values()
+                             if b.lfs and b.sha256 == oid), None)
+            if blob is None:
+                raise _HTTPError(422, f"LFS object {oid} for {path} was not uploaded")
+            if value.get("size") is not None and value["size"] != blob.size:
+                raise _HTTPError(422, f"LFS object {oid} size mismatch")
+            files[path] = blob
+        elif key == "deletedFile":
+            if path not in files:
+                raise _HTTPError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
+            del files[path]
+        else:
+            raise _HTTPError(400, f"Unsupported commit operation {key!r}")
 
 def _truthy(values: list[str] | str | None) -> bool:
     if values is None:

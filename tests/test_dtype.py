@@ -59,6 +59,12 @@ def test_fp32_to_bf16_halves_the_output_and_auto_changes_nothing(tmp_path: Path)
                                                      for p in base.glob("*.safetensors"))) // 2
     a, h = load_folder_tensors(auto), load_folder_tensors(half)
     assert all(torch.equal(h[k], a[k].to(BF16)) for k in a)  # fp32 merge, rounded once
+    assert run_cli("verify", half, "--full").returncode == 0  # the recorded options rebuild the same plan
+    again = run_cli("merge", base, adapter, "-o", half, "--dtype", "bf16")
+    shards = len(list(half.glob("*.safetensors")))
+    assert again.returncode == 0 and f"({shards} resumed)" in again.stdout, again.stdout + again.stderr
+    other = run_cli("merge", base, adapter, "-o", half, "--dtype", "fp16")  # another output: not mixed in
+    assert other.returncode == 2 and "other inputs or options" in other.stderr
     assert "dtype" not in json.loads((auto / "config.json").read_text()) or \
         json.loads((auto / "config.json").read_text()) == json.loads((base / "config.json").read_text())
 

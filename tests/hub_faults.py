@@ -1,0 +1,151 @@
+"""Fault injection for the test Hub server (``hub_server.py`` speaks the protocol; this module breaks it).
+
+``FaultInjection`` is mixed into ``HubServer``: ``add_fault`` and the shortcuts ``drop``, ``corrupt``, ``fail``,
+``wrong_etag``, ``delay`` and ``ignore_range`` apply to requests whose path matches a pattern, optionally for
+the first N matching requests only. The request handler asks ``take_faults`` which faults a request gets and
+passes its response body through ``faulty_body``. ``silent_server`` is a socket that accepts connections and
+never answers (a hung Hub or proxy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+KINDS = ("drop", "corrupt", "status", "wrong_etag", "delay", "ignore_range")
+
+
+@dataclass
+class Fault:
+    """A fault applied to requests whose path matches ``pattern``.
+
+    kind: ``"drop"`` (close the connection after ``after_bytes`` body bytes; ``None`` = before the status
+    line), ``"corrupt"`` (flip one byte every ``every`` bytes of the body, size unchanged), ``"status"``
+    (answer ``status``, default 503), ``"wrong_etag"`` (ETag/X-Linked-Etag that do not match the content),
+    ``"delay"`` (sleep ``seconds`` before answering), ``"ignore_range"`` (answer a range request with the whole
+    file and a 200, as some proxies do). ``times``: only the first N matching requests (``None`` = all).
+    ``methods``: defaults to GET for drop/corrupt/ignore_range, to every method otherwise. ``pattern``: a glob
+    (``fnmatch``) if it contains ``*?[``, else a substring, tested against the decoded path; or a callable
+    ``(method, path) -> bool``.
+    """
+
+    pattern: str | Callable[[str, str], bool]
+    kind: str
+    times: int | None = None
+    methods: frozenset[str] | None = None
+    after_bytes: int | None = 0
+    status: int = 503
+    seconds: float = 0.0
+    every: int = 1024
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.times is not None and self.hits >= self.times:
+            return False
+        if callable(self.pattern):
+            return bool(self.pattern(method, path))
+        if any(c in self.pattern for c in "*?["):
+            return fnmatch.fnmatchcase(path, self.pattern)
+        return self.pattern in path
+
+
+class FaultInjection:
+    """The fault registry of a server (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
+        self._fault_lock = threading.Lock()
+
+    def add_fault(self, pattern: str | Callable[[str, str], bool], kind: str, *, times: int | None = None,
+                  methods: Iterable[str] | None = None, after_bytes: int | None = 0, status: int = 503,
+                  seconds: float = 0.0, every: int = 1024) -> Fault:
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        if methods is None and kind in ("drop", "corrupt", "ignore_range"):
+            methods = ("GET",)
+        fault = Fault(pattern=pattern, kind=kind, times=times,
+                      methods=frozenset(m.upper() for m in methods) if methods is not None else None,
+                      after_bytes=after_bytes, status=status, seconds=seconds, every=max(1, every))
+        with self._fault_lock:
+            self._faults.append(fault)
+        return fault
+
+    def drop(self, pattern, after_bytes: int | None, *, times: int | None = 1, methods=None) -> Fault:
+        """Close the connection after ``after_bytes`` body bytes (``None``: before any response)."""
+        return self.add_fault(pattern, "drop", after_bytes=after_bytes, times=times, methods=methods)
+
+    def corrupt(self, pattern, *, times: int | None = None, every: int = 1024, methods=None) -> Fault:
+        """Serve the right number of bytes, with one byte flipped every ``every`` bytes."""
+        return self.add_fault(pattern, "corrupt", times=times, every=every, methods=methods)
+
+    def fail(self, pattern, status: int = 503, *, times: int | None = 1, methods=None) -> Fault:
+        return self.add_fault(pattern, "status", status=status, times=times, methods=methods)
+
+    def wrong_etag(self, pattern, *, times: int | None = None, methods=None) -> Fault:
+        return self.add_fault(pattern, "wrong_etag", times=times, methods=methods)
+
+    def delay(self, pattern, seconds: float, *, times: int | None = None, methods=None) -> Fault:
+        return self.add_fault(pattern, "delay", seconds=seconds, times=times, methods=methods)
+
+    def ignore_range(self, pattern, *, times: int | None = None, methods=None) -> Fault:
+        """Answer range requests with the whole file (200), like a proxy that does not support ranges."""
+        return self.add_fault(pattern, "ignore_range", times=times, methods=methods)
+
+    def clear_faults(self) -> None:
+        with self._fault_lock:
+            self._faults.clear()
+
+    def take_faults(self, method: str, path: str) -> list[Fault]:
+        """The faults a request gets (each counts the hit)."""
+        taken = []
+        with self._fault_lock:
+            for fault in self._faults:
+                if fault.matches(method, path):
+                    fault.hits += 1
+                    taken.append(fault)
+        return taken
+
+
+def faulty_body(chunks: Iterable[bytes], faults: Iterable[Fault], on_drop: Callable[[bytes], None]
+                ) -> Iterator[bytes]:
+    """The body ``chunks`` with the faults applied: corrupted bytes, and at a ``drop`` fault's byte count
+    ``on_drop(last part)`` (which writes that part and closes the connection)."""
+    drop_at = None
+    corrupt_every = None
+    for fault in faults:
+        if fault.kind == "drop" and fault.after_bytes is not None:
+            drop_at = fault.after_bytes if drop_at is None else min(drop_at, fault.after_bytes)
+        elif fault.kind == "corrupt":
+            corrupt_every = fault.every
+    pos = 0
+    for chunk in chunks:
+        if not chunk:
+            continue
+        if corrupt_every is not None:
+            buf = bytearray(chunk)
+            for i in range((-pos) % corrupt_every, len(buf), corrupt_every):
+                buf[i] ^= 0xFF
+            chunk = bytes(buf)
+        if drop_at is not None and pos + len(chunk) >= drop_at:
+            on_drop(chunk[: drop_at - pos])
+        yield chunk
+        pos += len(chunk)
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """An endpoint (``http://127.0.0.1:PORT``) whose socket accepts connections (the kernel completes the
+    handshake) and never reads or answers: every request waits until the client gives up."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
