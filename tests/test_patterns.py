@@ -78,7 +78,9 @@ def test_invalid_patterns_name_their_key(pattern: str, key: str, pair: tuple[Pat
 
 @pytest.mark.parametrize("key,value", [("target_modules", 3), ("target_modules", ["q_proj", 1]),
                                        ("exclude_modules", {"a": 1}), ("layers_pattern", [None]),
-                                       ("layers_to_transform", "0"), ("layers_to_transform", [0, True])])
+                                       ("layers_to_transform", "0"), ("layers_to_transform", [0, True]),
+                                       ("modules_to_save", [1]), ("modules_to_save", {"a": 1}),
+                                       ("target_parameters", "experts.down_proj")])
 def test_selection_fields_of_the_wrong_type_name_their_key(key: str, value: object, pair: tuple[Path, Path]) -> None:
     _, adapter = pair
     edit_json(adapter / "adapter_config.json", **{key: value})
