@@ -29,7 +29,10 @@ def transformers_tied_keys(config: Mapping[str, Any]) -> dict[str, str] | None:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        cfg = cls.config_class.from_dict({**config, "tie_word_embeddings": True})
+        tied = {**config, "tie_word_embeddings": True}
+        if isinstance(config.get("text_config"), Mapping):  # multimodal configs: the language model's flag
+            tied["text_config"] = {**config["text_config"], "tie_word_embeddings": True}
+        cfg = cls.config_class.from_dict(tied)
         with torch.device("meta"):
             model = cls(cfg)
         return {str(k): str(v) for k, v in model.get_expanded_tied_weights_keys(all_submodels=True).items()}

@@ -1,15 +1,17 @@
 """Tied weights: which tensors a model fills from another on load, and what a merge may do to them.
 
 Pure (reads no files). Tied-ness is decided from what the checkpoint and config say: `tie_word_embeddings`
-(transformers' default: true), the architecture's tied keys (our table in `tie_table`, else the installed
-transformers' own keys, else the Llama-like rule "lm_head from the input embedding" for language models), and
-which member of each tied pair is actually on disk. A sequence classifier therefore ties nothing, a T5/BART
-base ties its encoder/decoder embeddings and head to `shared`, a BERT masked LM ties `cls.predictions.decoder`.
+(transformers' default: true) and `tie_encoder_decoder`, the architecture's tied keys (our table in
+`tie_table`, else the installed transformers' own keys, else nothing for classifier heads and the Llama-like
+rule "lm_head from the input embedding" for everything else), and which member of each tied pair is actually
+on disk. So a sequence classifier ties nothing, a T5/BART base ties its encoder/decoder embeddings and head to
+`shared`, a BERT masked LM ties `cls.predictions.decoder` to the word embeddings and `cls.predictions.bias`.
 
-A change that reaches only some members of a tied group (a LoRA on the embedding or on the head) is refused
-unless --untie; trained full copies of members (modules_to_save) are written as separate tensors, as PEFT's
-merge saves them. Untying writes every tied member under the name its model class loads and sets
-`tie_word_embeddings: false`, which in transformers unties every pair of the model.
+A LoRA delta on a member that still shares its tensor with another member is refused unless --untie (PEFT's
+merge would add it to the shared tensor, changing every member). Trained full copies of members
+(modules_to_save) need no flag: they are written as separate tensors, as PEFT's merge saves them. Untying
+writes every tied member under the name its model class loads and sets `tie_word_embeddings: false`, which
+in transformers unties every pair of the model at once.
 """
 
 from __future__ import annotations

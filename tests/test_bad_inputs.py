@@ -120,7 +120,8 @@ class Case:
 
 
 def _merge(base: Path, adapter: Path, out: Path, *extra: str) -> tuple[str, ...]:
-    return ("merge", str(base), str(adapter), "-o", str(out), *extra)
+    # --quiet: no progress lines, so that a run refused mid-merge has its one error line as all of stderr
+    return ("merge", str(base), str(adapter), "-o", str(out), "--quiet", *extra)
 
 
 def _std(root: Path, culprits: tuple[str, ...], **kw) -> Case:

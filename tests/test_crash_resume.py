@@ -201,8 +201,9 @@ class World:
     kills: list[str] = field(default_factory=list)  # one entry per SIGKILL that hit a running merge
 
     def args(self, out: Path, *extra: object, adapter: Path | None = None) -> list[str]:
+        # --quiet: no progress lines, so that a failing run's stderr is its one error line
         return ["merge", str(self.base), str(adapter or self.adapter), "-o", str(out), "--block-size-mb", "1",
-                "--device", "cpu", *map(str, extra)]
+                "--device", "cpu", "--quiet", *map(str, extra)]
 
     def assert_identical(self, out: Path, allow_lock: bool = False) -> None:
         """OUT is complete: the same files as the reference, byte for byte (no temp files, no lock)."""
