@@ -62,6 +62,18 @@ def check_finite_rows(name: str, dtype: str, merged: torch.Tensor, out: torch.Te
                              fix="check the adapter's scale and weights; merge into a wider dtype")
 
 
+def check_conversion(name: str, src: torch.Tensor, dst: torch.Tensor, where: str) -> None:
+    """--dtype fp16 from a wider dtype: a finite value beyond fp16's range (65504) would become Inf, a broken
+    model written with exit 0; refuse naming the tensor instead. Cheap path: one fp32 sum of the result."""
+    if dst.dtype != torch.float16 or src.dtype == torch.float16:
+        return
+    if math.isfinite(float(torch.sum(dst, dtype=torch.float32))):
+        return
+    if bool((~torch.isfinite(dst) & torch.isfinite(src)).any()):
+        raise NonFiniteError(f"values in {where} exceed the float16 range (|x| > 65504) and would become Inf",
+                             tensor=name, fix="use --dtype bf16 or fp32 (or auto)")
+
+
 def _fused_experts(tp: TensorPlan) -> bool:
     """A whole (E, out, in) parameter patched as one: blocked along E·out rows, not along experts."""
     return len(tp.shape) == 3 and any(p.kind == "param" and p.expert is None for p in tp.patches)
@@ -140,6 +152,7 @@ class _TensorMerge:
         self._merge_into(out, r0, r1)
         if out is not final:
             final.copy_(out)
+            check_conversion(self.tp.name, out, final, f"rows {r0}..{r1}")
 
     def _merge_into(self, out: torch.Tensor, r0: int, r1: int) -> None:
         recipe, tp = self.recipe, self.tp
@@ -235,7 +248,9 @@ def convert_jobs(tp: TensorPlan, reader: ShardReader, compute: Compute) -> Itera
     def fill(e0: int, e1: int, buf: bytearray) -> None:
         view = reader.view(tp.source.start + e0 * isz, (e1 - e0) * isz)
         try:
-            torch.frombuffer(buf, dtype=dst, count=e1 - e0).copy_(torch.frombuffer(view, dtype=src))
+            values = torch.frombuffer(view, dtype=src)
+            out = torch.frombuffer(buf, dtype=dst, count=e1 - e0).copy_(values)
+            check_conversion(tp.name, values, out, f"elements {e0}..{e1}")
         finally:
             unmap(view)
 

@@ -106,3 +106,22 @@ def test_dtype_is_validated_in_yaml_and_on_the_command_line(pair: tuple[Path, Pa
     out = tmp_path / "o16"
     assert run_cli("merge", base, adapter, "-o", out, "--config", cfg, "--quiet").returncode == 0
     assert all(t.dtype == FP16 for t in load_folder_tensors(out).values())
+
+
+@pytest.mark.parametrize("where", ["untouched", "merged"])
+def test_fp16_overflow_is_refused_naming_the_tensor(tmp_path: Path, where: str) -> None:
+    """An fp32 base holding values beyond fp16's range: --dtype fp16 would write Inf with exit 0 (what
+    `model.to(float16)` does); refused naming the tensor, nothing published. bf16 takes them."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = make_pair(tmp_path, dtype="F32")
+    name = "model.norm.weight" if where == "untouched" else "model.layers.0.self_attn.q_proj.weight"
+    shard = next(p for p in base.glob("*.safetensors") if name in load_file(str(p)))
+    sd = load_file(str(shard))
+    sd[name][0] = 1e6
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    r = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--dtype", "fp16")
+    assert r.returncode == 2 and name in r.stderr and "float16 range" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not list((tmp_path / "out").glob(shard.name))
+    assert run_cli("merge", base, adapter, "-o", tmp_path / "bf16", "--dtype", "bf16", "--quiet").returncode == 0
