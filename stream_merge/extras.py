@@ -11,8 +11,8 @@ from typing import Any
 
 from .checkpoint import INDEX_NAME
 from .errors import InputError
+from .fileio import write_file_atomic
 from .records import MergePlan, ShardResult, numel
-from .safetensors_io import write_file_atomic
 
 RECORD_NAME = "stream_merge.json"
 SIDE_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "LICENSE*", "NOTICE*", "USE_POLICY*",

@@ -24,7 +24,7 @@ from huggingface_hub import constants
 from huggingface_hub.file_download import repo_folder_name
 
 from .errors import HubError
-from .journal import file_sha256
+from .fileio import file_sha256
 
 log = logging.getLogger("stream_merge")
 

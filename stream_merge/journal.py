@@ -1,27 +1,40 @@
 """The resume journal: `stream_merge.journal.json` in OUT holds a fingerprint of the inputs and options, and
-`.stream-merge-journal/` one small record (size, mtime, sha256 when checksums are on) per finished shard. Each file is written
-atomically by the process that finished that shard, so after any crash the journal lists exactly the shards
-that are safely on disk, and workers of a partitioned merge (`--worker I/N`, Ray tasks) can share one OUT on
-a shared file system without a global lock.
+`.stream-merge-journal/` one small record (size, mtime, sha256 when checksums are on) per finished shard. Each
+file is written atomically by the process that finished that shard, so after any crash the journal lists
+exactly the shards that are safely on disk, and workers of a partitioned merge (`--worker I/N`, Ray tasks) can
+share one OUT on a shared file system without a global lock. Once the output is complete the journal is
+removed; `stream_merge.json` (the record) then says the same. Imports only the standard library, `fileio`
+and `errors`, so reading a journal never loads torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from .errors import OutputError
-from .records import ShardResult
-from .safetensors_io import write_file_atomic
+from .fileio import NAME_MAX, file_sha256, write_file_atomic
+
+if TYPE_CHECKING:
+    from .records import ShardResult
 
 JOURNAL_NAME = "stream_merge.journal.json"
 SHARDS_DIR = ".stream-merge-journal"
 JOURNAL_VERSION = 2
+
+
+def _record_name(file: str) -> str:
+    """The shard record's file name: the quoted shard name, or a digest where that would pass NAME_MAX (a
+    long or non-ASCII shard name); the record itself names its shard."""
+    name = quote(file, safe="") + ".json"
+    if len(name.encode()) > NAME_MAX:
+        name = "sha256-" + hashlib.sha256(file.encode("utf-8", "surrogateescape")).hexdigest() + ".json"
+    return name
 
 
 @dataclass
@@ -45,24 +58,24 @@ class Journal:
             return False
 
     def save(self, out_dir: Path) -> None:
-        """Write the run file (fingerprint, inputs, options) unless it already holds these bytes (a re-run
-        of a complete OUT writes nothing before its finalize removes the index); shard records are written
-        by `record`."""
+        """Write the run file (fingerprint, inputs, options) unless it already holds these bytes; shard
+        records are written by `record`."""
         if not self.saved(out_dir):
             write_file_atomic(out_dir / JOURNAL_NAME, self._run_file())
 
     def record(self, out_dir: Path, file: str, entry: dict[str, Any]) -> None:
+        entry = {**entry, "file": file}
         folder = out_dir / SHARDS_DIR
         folder.mkdir(exist_ok=True)
-        write_file_atomic(folder / (quote(file, safe="") + ".json"), json.dumps(entry, sort_keys=True).encode())
+        write_file_atomic(folder / _record_name(file), json.dumps(entry, sort_keys=True).encode())
         self.shards[file] = entry
 
     def record_shard(self, out_dir: Path, res: ShardResult) -> None:
         """Record a published shard: its size and mtime say on resume that it is still the file we wrote."""
-        self.record(out_dir, res.file, shard_entry(out_dir, res))
+        self.shards[res.file] = record_shard(out_dir, res)
 
     def forget(self, out_dir: Path, file: str) -> None:
-        (out_dir / SHARDS_DIR / (quote(file, safe="") + ".json")).unlink(missing_ok=True)
+        (out_dir / SHARDS_DIR / _record_name(file)).unlink(missing_ok=True)
         self.shards.pop(file, None)
 
     def reload(self, out_dir: Path) -> None:
@@ -71,28 +84,63 @@ class Journal:
 
 
 def shard_entry(out_dir: Path, res: ShardResult) -> dict[str, Any]:
+    """What the journal keeps about a published shard."""
     st = (out_dir / res.file).stat()
-    return {"size": res.size, "mtime_ns": st.st_mtime_ns, "sha256": res.sha256, "patched": res.patched,
-            "copied": res.copied}
+    return {"file": res.file, "size": res.size, "mtime_ns": st.st_mtime_ns, "sha256": res.sha256,
+            "patched": res.patched, "copied": res.copied}
+
+
+def record_shard(out_dir: Path, res: ShardResult) -> dict[str, Any]:
+    """Write the record of one published shard (for processes that hold no Journal, e.g. Ray tasks)."""
+    entry = shard_entry(out_dir, res)
+    folder = out_dir / SHARDS_DIR
+    folder.mkdir(exist_ok=True)
+    write_file_atomic(folder / _record_name(res.file), json.dumps(entry, sort_keys=True).encode())
+    return entry
+
+
+def shard_finished(path: Path, entry: dict[str, Any] | None) -> bool:
+    """THE definition of a finished shard, used by resume, by the pending check and by finalize: the file at
+    `path` has the recorded size and either the recorded mtime (still the file we published; for an entry
+    rebuilt from a finished merge's record, an mtime not later than the record's, `not_after_ns`) or, when
+    the folder was copied since, the recorded sha256."""
+    if not entry or "size" not in entry:
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != entry["size"]:
+        return False
+    if entry.get("mtime_ns") == st.st_mtime_ns or st.st_mtime_ns <= entry.get("not_after_ns", -1):
+        return True
+    return bool(entry.get("sha256")) and file_sha256(path) == entry["sha256"]
 
 
 def _read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
     records: dict[str, dict[str, Any]] = {}
     folder = out_dir / SHARDS_DIR
-    if folder.is_dir():
-        for p in folder.glob("*.json"):
-            try:
-                entry = json.loads(p.read_text(encoding="utf-8"))
-                if all(k in entry for k in ("size", "patched", "copied")):
-                    records[unquote(p.name[: -len(".json")])] = entry
-            except (ValueError, UnicodeDecodeError):
-                continue  # a torn record cannot exist (atomic writes); an unreadable one means "redo the shard"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return records
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
+            entry = json.loads((folder / name).read_text(encoding="utf-8"))
+            if isinstance(entry, dict) and all(k in entry for k in ("size", "patched", "copied")):
+                file = entry.get("file")
+                records[file if isinstance(file, str) else unquote(name[: -len(".json")])] = entry
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # a torn record cannot exist (atomic writes); an unreadable one means "redo the shard"
     return records
 
 
 def load_journal(out_dir: Path) -> Journal | None:
+    """OUT's journal, None when there is none; an unreadable one is an OutputError naming it."""
     path = out_dir / JOURNAL_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -100,21 +148,37 @@ def load_journal(out_dir: Path) -> Journal | None:
             raise ValueError(f"version {obj.get('version')!r}, expected {JOURNAL_VERSION}")
         return Journal(fingerprint=obj["fingerprint"], inputs=obj["inputs"], options=obj["options"],
                        tool_version=obj["tool_version"], shards=_read_records(out_dir))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise OutputError(f"the resume journal is unreadable ({exc.strerror})", file=str(path),
+                          fix="remove it, or re-run with --fresh to start this output over") from None
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise OutputError(f"the resume journal is unreadable ({exc})", file=str(path),
                           fix="re-run with --fresh to start this output over") from None
 
 
+def _is_ours(name: str) -> bool:
+    """A file of the journal folder that the journal itself consists of: a shard record or a worker's lock."""
+    return (name.endswith(".json") or (name.startswith("worker-") and name.endswith(".lock"))) \
+        and not name.startswith(".")
+
+
 def remove_journal(out_dir: Path) -> None:
-    (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)
-
-
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(mv):
-            h.update(mv[:n])
-    return h.hexdigest()
+    """Remove the journal (run file, shard records, worker locks; the folder once empty). Files of other
+    runs in its folder (a temp record being written) stay. One that cannot be removed is an OutputError."""
+    path = out_dir / JOURNAL_NAME
+    try:
+        if os.path.lexists(path):
+            path.unlink()
+        folder = out_dir / SHARDS_DIR
+        names = os.listdir(folder) if folder.is_dir() else []
+        for name in names:
+            if _is_ours(name):
+                path = folder / name
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot remove the old resume journal ({exc.strerror})", file=str(path),
+                          fix="remove it by hand (or fix its permissions), then re-run") from None
+    try:
+        (out_dir / SHARDS_DIR).rmdir()  # only once empty: another run's temp record keeps it
+    except OSError:
+        pass

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import resource
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # Windows: no rlimits (a merge is refused there, see platform_support)
+    resource = None  # type: ignore[assignment]
 
 from .errors import NotEnoughMemoryError
 
@@ -49,6 +53,8 @@ def _torch_library_bytes() -> int:
 
 def check_address_space() -> None:
     """Raise NotEnoughMemoryError when `ulimit -v` (RLIMIT_AS) leaves too little room to import torch."""
+    if resource is None:
+        return
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return

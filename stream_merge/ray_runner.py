@@ -11,20 +11,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError, MergeInterrupted, StreamMergeError
-from .journal import Journal, shard_entry
+from .journal import record_shard
+from .progress import progress_callback
 from .records import MergePlan, ShardResult
 
 FAIL_ONCE_ENV = "STREAM_MERGE_TEST_FAIL_ONCE"  # testing hook: "<shard file>:<marker path>"
 PROGRESS_EVERY = 32 * 1024 * 1024
 
 
-def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, block_bytes: int, check_finite: bool,
-                checksum: bool, progress_actor: object) -> ShardResult:
-    """One shard, inside a Ray worker process."""
+def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str, block_bytes: int,
+                check_finite: bool, checksum: bool, progress_actor: object) -> ShardResult:
+    """One shard, inside a Ray worker process, computed on the kind of device the driver asked for (`cuda`:
+    the GPU Ray assigned to this task), and recorded in OUT's journal by this task."""
     import torch
 
     from .adapter import AdapterReader
     from .safetensors_io import ShardReader
+    from .shard_rows import OtherShards
+    from .sources import LocalSource
     from .worker import Compute, merge_shard
 
     hook = os.environ.get(FAIL_ONCE_ENV, "")
@@ -46,22 +50,26 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, block_bytes
             progress_actor.add.remote(pending)  # type: ignore[attr-defined]
             pending = 0
 
+    base = LocalSource(spec=base_dir, path=Path(base_dir))
+    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
     try:
         with ShardReader(Path(base_dir) / file, header) as reader:
             res = merge_shard(shard, reader, adapters, Path(out) / file,
-                              Compute(block_bytes=block_bytes, check_finite=check_finite), on_bytes, checksum)
+                              Compute(device=torch.device(device), block_bytes=block_bytes,
+                                      check_finite=check_finite), on_bytes, checksum, others)
     finally:
         for a in adapters:
             a.close()
     progress_actor.add.remote(pending)  # type: ignore[attr-defined]
-    Journal(fingerprint="", inputs={}, options={}, tool_version="").record_shard(Path(out), res)
+    record_shard(Path(out), res)
     return res
 
 
-def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, done: dict[str, ShardResult],
-                 todo: Sequence[str], compute: object, progress: bool | Callable[[int, str], None],
-                 address: str | None, checksum: bool = False) -> list[ShardResult]:
-    """Merge `todo` as one Ray task each (retried on failure); returns results in plan order."""
+def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, done: dict[str, ShardResult], todo: Sequence[str],
+                 compute: object, progress: bool | Callable[[int, str], None], address: str | None,
+                 checksum: bool = False, on_done: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
+    """Merge `todo` as one Ray task each (retried on failure); returns results in plan order. Each task
+    publishes and journals its shard; `on_done` runs in the driver as each one finishes (the Hub upload)."""
     try:
         import ray
     except ImportError:
@@ -74,8 +82,6 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
-    from .runner import progress_callback
-
     report, bar = progress_callback(plan, set(todo), progress)
     try:
         @ray.remote
@@ -96,7 +102,8 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
         mem = 3 * compute.buffer_bytes + 512 * 1024 * 1024  # type: ignore[attr-defined]
         task = ray.remote(_merge_task).options(num_cpus=1, num_gpus=gpus, memory=mem, max_retries=3,
                                                retry_exceptions=True)
-        pending = {task.remote(plan_ref, str(base_dir), str(out), f, block,
+        device = compute.device.type  # type: ignore[attr-defined]
+        pending = {task.remote(plan_ref, str(base_dir), str(out), f, device, block,
                                compute.check_finite, checksum, actor): f for f in todo}  # type: ignore[attr-defined]
         results: dict[str, ShardResult] = dict(done)
         while pending:
@@ -114,7 +121,8 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, journal: Journal, d
                         raise cause from None
                     raise
                 results[file] = res
-                journal.shards[file] = shard_entry(out, res)
+                if on_done is not None:
+                    on_done(res)
         return [results[s.file] for s in plan.shards if s.file in results]
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),

@@ -1,59 +1,52 @@
 """Orchestrates a merge: resolve -> plan -> checks -> journal -> shard loop -> side files -> record -> index.
 
-The index is written last, so its presence means the output is complete; the journal (one atomic rewrite per
-finished shard) makes any interruption resumable by re-running the same command.
+The index is written last, so its presence means the output is complete; the journal (one atomic write per
+finished shard) makes any interruption resumable by re-running the same command. The rules for resuming live
+in `resume`, the local shard loop in `shard_loop`, Ray in `ray_runner`, completion in `completion`, the lock
+in `locking`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import logging
 import os
-import resource
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote
 from typing import Any
 
 import torch
 
-from . import __version__
-from .adapter import AdapterReader, load_adapter
+from .adapter import load_adapter
 from .checkpoint import INDEX_NAME, load_json
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
-from .errors import CompatibilityError, ConfigError, MergeInterrupted, OutputError, PlanError
-from .card import model_card
-from .extras import RECORD_NAME, copy_side_files, shard_entries, write_index, write_record
-from .journal import JOURNAL_NAME, SHARDS_DIR, Journal, file_sha256, load_journal, remove_journal
+from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError
+from .extras import RECORD_NAME
+from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
+from .completion import finalize_output, printable, shipped_files
+from .journal import SHARDS_DIR, Journal
+from .locking import out_lock
 from .partition import parse_worker, split
 from .planner import PlanOptions, build_plan
-from .progress import progress_callback
+from .platform_support import check_platform, peak_rss_bytes
+from .progress import Progress
 from .records import MergePlan, MergeReport, ShardResult
-from .safetensors_io import TMP_PREFIX, AtomicFile, ShardReader, fsync_dir, write_file_atomic
+from .resume import (check_same_merge, fingerprint, inputs_record, journal_result, load_journal_or_record,
+                     pending_shards, prepare_journal, read_record, shard_done)
+from .shard_loop import merge_shards
 from .sources import DOWNLOADS_DIR, Source, resolve_source
-from .shard_rows import OtherShards
-from .worker import Compute, compute_threads, frozen_gc, publish, torch_settings, write_shard
+from .worker import Compute, compute_threads, torch_settings
 
 log = logging.getLogger("stream_merge")
-LOCK_NAME = ".stream-merge.lock"
-LOCK_GLOB = ".stream-merge*.lock"
-Progress = Callable[[int, str], None]
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+__all__ = ["run", "plan_merge", "finalize", "resolve_device", "peak_rss_bytes"]
 
 
 def resolve_device(name: str) -> torch.device:
-    from .errors import ConfigError
-
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; a CUDA device this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -66,22 +59,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _inputs_record(base: Source, adapters: Sequence[Source], plan: MergePlan) -> dict[str, Any]:
-    """What identifies the inputs: shard sizes and header digests, adapter file digests, revisions."""
-    return {
-        "base": {"spec": base.spec, "path": str(base.folder()), "revision": base.revision,
-                 "shards": {s.file: {"size": s.size, "header_sha256": hashlib.sha256(
-                     repr([(t.name, t.dtype, t.shape, t.start, t.end) for t in s.tensors]).encode()).hexdigest()}
-                     for s in plan.base.shards}},
-        "adapters": [{"spec": src.spec, "path": spec.path, "revision": src.revision, "weight": spec.weight,
-                      "config_sha256": file_sha256(Path(spec.config_file)),
-                      "weights_sha256": file_sha256(Path(spec.weights_file)),
-                      "base_model_name_or_path": spec.raw_config.get("base_model_name_or_path"),
-                      "adapter_revision": spec.raw_config.get("revision")}
-                     for src, spec in zip(adapters, plan.adapters)],
-    }
-
-
 def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
     o = out.resolve()
     for p in inputs:
@@ -89,112 +66,6 @@ def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
         if o == p or p in o.parents or o in p.parents:
             raise OutputError(f"output folder {str(out)!r} overlaps input {str(p)!r}", file=str(out),
                               fix="choose an output folder outside the base and adapter folders")
-
-
-@contextlib.contextmanager
-def _locked(out: Path, name: str = LOCK_NAME) -> Iterator[None]:
-    """Fail fast when another run writes the same shards of OUT (each `--worker I/N` has its own lock). On
-    the way out (success, refusal, error or Ctrl-C) the lock file and every temp file of this process are
-    removed, so a refused run leaves OUT as it found it."""
-    lock = out / name
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-    held = False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except BlockingIOError:
-            raise OutputError("another stream-merge is writing to this output folder", file=str(out),
-                              fix="wait for it to finish, or use another -o") from None
-        yield
-    finally:
-        if held:
-            for folder in (out, out / SHARDS_DIR):  # e.g. an interrupt inside AtomicFile's open
-                for p in folder.glob(f"{TMP_PREFIX}*.{os.getpid()}.*"):
-                    p.unlink(missing_ok=True)
-            lock.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _clean_stale_temps(out: Path, mine: set[str] | None = None) -> int:
-    """Remove temp files left by killed runs: all of them, or (for `--worker`) only those of this worker's
-    shards, since other workers may be writing theirs right now. Temp names are `<prefix><file>.<pid>.<id>`."""
-    n = 0
-    for folder in (out, out / SHARDS_DIR):
-        for p in folder.glob(TMP_PREFIX + "*"):
-            target = p.name[len(TMP_PREFIX):].rsplit(".", 2)[0]
-            if folder != out:  # a shard record: <quoted shard file>.json
-                target = unquote(target.removesuffix(".json"))
-            if mine is None or target in mine:
-                p.unlink(missing_ok=True)
-                n += 1
-    return n
-
-
-def _prepare_journal(out: Path, plan: MergePlan, fingerprint: str, inputs: dict[str, Any], options: dict[str, Any],
-                     fresh: bool) -> Journal:
-    """Reuse a matching journal, refuse a mismatching one (unless --fresh), or start a new one."""
-    journal = load_journal(out) if not fresh else None
-    ours = {s.file for s in plan.shards} | {INDEX_NAME, RECORD_NAME}
-    if fresh:
-        for name in ours:
-            (out / name).unlink(missing_ok=True)
-        remove_journal(out)
-    elif journal is None:
-        # (another --worker starting at the same moment may already have written the journal and a shard)
-        foreign = sorted(p.name for p in out.iterdir()
-                         if p.name not in (DOWNLOADS_DIR, SHARDS_DIR, JOURNAL_NAME) and not p.match(LOCK_GLOB)
-                         and not p.name.startswith(TMP_PREFIX) and p.name not in ours)
-        if foreign:
-            raise OutputError(f"output folder is not empty and holds no stream-merge journal ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''})", file=str(out),
-                              fix="use an empty or new folder, or --fresh to overwrite")
-    elif journal.fingerprint != fingerprint:
-        for what, spec, old, new in _moved_revisions(journal.inputs, inputs):
-            raise OutputError(f"{what} {spec} now resolves to commit {new}, but this output was started from {old}",
-                              file=str(out), fix=f"pin the old commit ({spec.split('@')[0]}@{old}) to resume it, or "
-                                                 "add --fresh to start over")
-        raise OutputError("output folder holds a merge of other inputs or options", file=str(out),
-                          fix="re-run with the original command to resume it, or add --fresh to start over")
-    if journal is None:
-        journal = Journal(fingerprint=fingerprint, inputs=inputs, options=options, tool_version=__version__)
-    return journal
-
-
-def _moved_revisions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """Hub inputs whose revision (a branch or tag) now resolves to another commit than the journal's."""
-    pairs = [("BASE", old.get("base", {}), new["base"])]
-    pairs += [("ADAPTER", o, n) for o, n in zip(old.get("adapters", []), new["adapters"])]
-    return [(what, n["spec"], o["revision"], n["revision"]) for what, o, n in pairs
-            if o.get("spec") == n["spec"] and o.get("revision") and n["revision"] and o["revision"] != n["revision"]]
-
-
-def _journal_result(journal: Journal, file: str) -> ShardResult:
-    entry = journal.shards[file]
-    return ShardResult(file=file, size=entry["size"], sha256=entry.get("sha256"), patched=entry["patched"],
-                       copied=entry["copied"], seconds=0.0)
-
-
-def _shard_done(out: Path, journal: Journal, file: str) -> ShardResult | None:
-    """A shard an earlier run finished: still the file it published (same size and mtime), or, when the
-    folder was copied since, the same size and sha256 as recorded."""
-    entry = journal.shards.get(file)
-    path = out / file
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    if not entry or st.st_size != entry["size"]:
-        return None
-    if entry.get("mtime_ns") != st.st_mtime_ns and (not entry.get("sha256") or file_sha256(path) != entry["sha256"]):
-        return None
-    return _journal_result(journal, file)
-
-
-def _add_checksum(out: Path, journal: Journal, res: ShardResult) -> ShardResult:
-    res = dataclasses.replace(res, sha256=file_sha256(out / res.file))
-    journal.record_shard(out, res)
-    return res
 
 
 def _existing(path: Path) -> Path:
@@ -230,11 +101,41 @@ def _check_disk(out: Path, plan: MergePlan, todo: Sequence[str], downloads: Sequ
                               fix="free some space or choose another output folder; finished shards are kept")
 
 
+def download_area(out: Path) -> Path:
+    """This process's own folder for base shards downloaded from the Hub (workers sharing OUT never share one)."""
+    return out / DOWNLOADS_DIR / owner_tag()
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Temp files and download areas that killed processes of this host left in OUT (see fileio.owner_is_dead);
+    those of live processes and of other hosts stay."""
+    removed = remove_dead_temps([out, out / SHARDS_DIR])
+    downloads = out / DOWNLOADS_DIR
+    if downloads.is_dir():
+        for area in os.listdir(downloads):
+            if owner_is_dead(area):
+                shutil.rmtree(downloads / area, ignore_errors=True)
+                removed.append(f"{DOWNLOADS_DIR}/{area}")
+    if removed:
+        log.info("removed what killed runs left: %s", ", ".join(removed))
+
+
+def remove_download_area(out: Path) -> None:
+    """Remove this process's download area in OUT, and the downloads folder once no other area is in it."""
+    area = download_area(out)
+    if area.exists():
+        shutil.rmtree(area, ignore_errors=True)
+    try:
+        (out / DOWNLOADS_DIR).rmdir()  # only when no other worker's area is in it
+    except OSError:
+        pass
+
+
 def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[str]]:
     """Resolve the inputs and build the plan; no writes. Raises PlanError listing every problem."""
     out = Path(cfg.output).expanduser() if cfg.output and not cfg.dry_run else None
     base_src = resolve_source(cfg.base, "BASE", token=cfg.token, keep_downloads=cfg.keep_downloads,
-                              download_dir=None if out is None else out / DOWNLOADS_DIR)
+                              download_dir=None if out is None else download_area(out))
     adapter_srcs = [resolve_source(a, "ADAPTER", token=cfg.token) for a in cfg.adapters]
     base = base_src.base_index(cfg.base)
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
@@ -256,92 +157,185 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     return plan, base_src, adapter_srcs, findings
 
 
+@dataclass
+class _MergeRun:
+    """One merge into OUT, step by step (see `run`): the state the steps share."""
+
+    cfg: MergeConfig
+    plan: MergePlan
+    base_src: Source
+    adapter_srcs: list[Source]
+    findings: list[str]
+    out: Path
+    device: torch.device
+    options: dict[str, Any]
+    inputs: dict[str, Any]
+    fp: str
+    mine: set[str]
+    journal: Journal | None = None
+    pusher: Any = None
+    done: dict[str, ShardResult] = field(default_factory=dict)
+
+    def _finished(self) -> dict[str, ShardResult]:
+        """This run's shards that an earlier run finished (checksummed now when a push needs the sha256)."""
+        journal, done = self.journal, {}
+        assert journal is not None
+        for s in self.plan.shards:
+            if s.file not in self.mine:
+                continue
+            if shard_done(self.out, journal, s.file):
+                r = journal_result(journal, s.file)
+                if r.sha256 is None and self.pusher is not None:
+                    (self.out / INDEX_NAME).unlink(missing_ok=True)  # nothing is written beside a complete index
+                    r = dataclasses.replace(r, sha256=file_sha256(self.out / s.file))
+                    journal.record_shard(self.out, r)
+                done[s.file] = r
+            elif self.pusher is not None and not self.cfg.local_copy and s.file in journal.shards \
+                    and self.pusher.pushed(s.file, journal.shards[s.file].get("sha256")):
+                done[s.file] = journal_result(journal, s.file)  # pushed, and its local copy deleted as asked
+        return done
+
+    def _complete_already(self, from_record: bool) -> bool:
+        """OUT holds this very merge, finished, and nothing is to be pushed: a re-run writes nothing."""
+        if not from_record or self.pusher is not None or len(self.done) != len(self.mine):
+            return False
+        record = read_record(self.out) or {}
+        return all(os.path.lexists(self.out / n) for n in shipped_files(self.plan, record))
+
+    def prepare(self) -> list[str] | None:
+        """Take over or start the journal; returns the shards this run merges, or None when OUT already holds
+        this merge, complete (then nothing was written)."""
+        cfg, out = self.cfg, self.out
+        self.journal, from_record = prepare_journal(out, self.plan, self.fp, self.inputs, self.options, cfg.fresh)
+        if cfg.push_to_hub:
+            from .push import Pusher
+
+            self.pusher = Pusher.open(cfg.push_to_hub, out, [s.file for s in self.plan.shards], token=cfg.token,
+                                      private=cfg.private, local_copy=cfg.local_copy)
+        self.done = self._finished()
+        todo = [s.file for s in self.plan.shards if s.file in self.mine and s.file not in self.done]
+        if self._complete_already(from_record):
+            return None
+        if todo or from_record or not self.journal.saved(out):
+            # "complete" only once everything is done again; and nothing is written into OUT while it holds
+            # the index (a kill in the middle of an atomic write leaves its temp file beside it)
+            (out / INDEX_NAME).unlink(missing_ok=True)
+        self.journal.save(out)
+        if from_record:  # the shard records of the finished merge, for a resume after a kill from here on
+            for f in self.done:
+                entry = {k: v for k, v in self.journal.shards[f].items() if k != "not_after_ns"}
+                if (out / f).exists():
+                    entry["mtime_ns"] = (out / f).stat().st_mtime_ns  # checked just now by shard_done
+                self.journal.record(out, f, entry)
+        for f in todo:
+            self.journal.forget(out, f)
+        _check_disk(out, self.plan, todo, self.base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
+        if self.pusher is not None:
+            for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
+                self.pusher.submit(r.file, r.sha256)
+        return todo
+
+    def merge(self, todo: list[str], progress: bool | Progress) -> list[ShardResult]:
+        """Merge `todo` locally or on Ray; returns the results of this run's shards in plan order."""
+        cfg = self.cfg
+        compute = Compute(device=self.device, block_bytes=cfg.block_size_mb * 1024 * 1024,
+                          check_finite=cfg.check_finite, threads=compute_threads(self.device))
+        checksum = cfg.checksums or self.pusher is not None
+        assert self.journal is not None
+        if not todo:
+            return [self.done[s.file] for s in self.plan.shards if s.file in self.done]
+        if cfg.ray is not None:
+            from .ray_runner import merge_on_ray
+
+            pusher = self.pusher
+            on_done = (lambda res: pusher.submit(res.file, res.sha256)) if pusher is not None else None
+            return merge_on_ray(self.plan, self.base_src.folder(), self.out, self.done, todo, compute, progress,
+                                None if cfg.ray == "local" else cfg.ray, checksum, on_done)
+        with torch_settings():
+            return merge_shards(self.plan, self.base_src, self.out, self.journal, self.done, compute, progress,
+                                cfg.prefetch, self.pusher, todo, checksum)
+
+    def complete(self) -> list[str]:
+        """Finalize OUT when no worker has shards left; returns the shards still pending elsewhere."""
+        assert self.journal is not None
+        pending = pending_shards(self.out, self.plan, self.journal, self.cfg.local_copy)
+        if not pending:
+            side = finalize_output(self.out, self.plan, self.base_src, [s.spec for s in self.adapter_srcs],
+                                   self.cfg.base, self.journal, self.findings)
+            if self.pusher is not None:
+                self.pusher.finish([*side, "README.md", RECORD_NAME, INDEX_NAME])
+        return pending
+
+
+def _require_text(out: Path, base_src: Source, adapter_srcs: Sequence[Source]) -> None:
+    """The record, the model card and the Hub hold paths as UTF-8 text: refuse, before anything is written,
+    a path that is not (issue 14 item 8: it used to fail at the last step, after every shard)."""
+    named = [("output folder", str(out), OutputError), ("BASE", str(base_src.folder()), InputError)]
+    named += [("ADAPTER", str(s.folder()), InputError) for s in adapter_srcs]
+    for what, text, error in named:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise error(f"the {what} path is not valid UTF-8", file=printable(text),
+                        fix="rename the folder (or give a symlink with a UTF-8 name)") from None
+
+
+def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: list[Source],
+           findings: list[str]) -> _MergeRun:
+    """Everything a merge decides before it touches OUT (beyond creating it)."""
+    out = Path(cfg.output).expanduser()
+    _require_text(out, base_src, adapter_srcs)
+    _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
+    device = resolve_device(cfg.device)
+    if cfg.ray is not None and base_src.kind != "local":
+        raise ConfigError("--ray needs BASE on a file system every Ray node can read",
+                          key="ray", fix="download the base first, or run without --ray")
+    mine = _partition(cfg, plan)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror})", file=printable(str(out))) from None
+    options = recorded_options(cfg, device.type)  # the device kind among them: it decides the last bits
+    inputs = inputs_record(base_src, adapter_srcs, plan, cfg.checksums)
+    return _MergeRun(cfg, plan, base_src, adapter_srcs, findings, out, device, options, inputs,
+                     fingerprint(plan, inputs, fingerprint_options(cfg, device.type)), mine)
+
+
 def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
-    """Run a merge (or only plan it with dry_run) and return the report."""
+    """Run a merge (or only plan it with `cfg.dry_run`).
+
+    Args: cfg, the merge configuration; progress, True for a progress bar, a callback(bytes, shard), or False.
+    Returns the MergeReport (`pending` lists shards left to other `--worker` runs).
+    Raises StreamMergeError subclasses: PlanError (every plan problem at once), ConfigError, OutputError (OUT
+    holds another merge, foreign files, changed inputs, no disk space), MergeInterrupted.
+    """
     t0 = time.perf_counter()
+    if not cfg.dry_run and cfg.output is not None:
+        check_platform()
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
     if cfg.dry_run or cfg.output is None:
         return MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
                            peak_rss_bytes=peak_rss_bytes(), dry_run=True)
-    out = Path(cfg.output).expanduser()
-    _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
-    device = resolve_device(cfg.device)
+    job, complete, pending = None, False, []
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder ({exc.strerror})", file=str(out)) from None
-    options = recorded_options(cfg, device.type)
-    inputs = _inputs_record(base_src, adapter_srcs, plan)
-    revisions = [s.revision for s in (base_src, *adapter_srcs)]  # Hub commits: a moved branch is another input
-    fingerprint = hashlib.sha256(repr((plan.fingerprint(), inputs["base"]["shards"],
-                                       [(a["config_sha256"], a["weights_sha256"]) for a in inputs["adapters"]],
-                                       sorted(fingerprint_options(cfg, device.type).items()), __version__.split(".")[0])
-                                      + ((revisions,) if any(revisions) else ())).encode()).hexdigest()
-    mine = _partition(cfg, plan)
-    lock = LOCK_NAME if cfg.worker is None else f".stream-merge-{cfg.worker.replace('/', '-of-')}.lock"
-    complete, pusher = False, None
-    try:
-        with _locked(out, lock):
-            _clean_stale_temps(out, None if cfg.worker is None else mine)
-            journal = _prepare_journal(out, plan, fingerprint, inputs, options, cfg.fresh)
-            if cfg.push_to_hub:
-                from .push import Pusher
-
-                pusher = Pusher.open(cfg.push_to_hub, out, [s.file for s in plan.shards], token=cfg.token,
-                                     private=cfg.private, local_copy=cfg.local_copy)
-            done = {}
-            for s in plan.shards:
-                if s.file not in mine:
-                    continue
-                r = _shard_done(out, journal, s.file)
-                if r is not None and r.sha256 is None and pusher is not None:
-                    (out / INDEX_NAME).unlink(missing_ok=True)  # nothing is written beside a complete index
-                    r = _add_checksum(out, journal, r)  # merged by an earlier run without --push-to-hub
-                if r is None and pusher is not None and not cfg.local_copy and s.file in journal.shards \
-                        and pusher.pushed(s.file, journal.shards[s.file].get("sha256")):
-                    r = _journal_result(journal, s.file)  # pushed, and its local copy deleted as asked
-                if r is not None:
-                    done[s.file] = r
-            todo = [s.file for s in plan.shards if s.file in mine and s.file not in done]
-            if todo or not journal.saved(out):
-                # "complete" only once everything is done again; and nothing is written into OUT while it holds
-                # the index (a kill in the middle of an atomic write leaves its temp file beside it)
-                (out / INDEX_NAME).unlink(missing_ok=True)
-            for f in todo:
-                journal.forget(out, f)
-            journal.save(out)
-            _check_disk(out, plan, todo, base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
-            if pusher is not None:
-                for r in done.values():  # finished by an earlier run, maybe not pushed yet
-                    pusher.submit(r.file, r.sha256)
-            compute = Compute(device=device, block_bytes=cfg.block_size_mb * 1024 * 1024,
-                              check_finite=cfg.check_finite, threads=compute_threads(device))
-            checksum = cfg.checksums or pusher is not None
-            if cfg.ray is not None:
-                from .ray_runner import merge_on_ray
-
-                if base_src.kind != "local":
-                    raise ConfigError("--ray needs BASE on a file system every Ray node can read",
-                                      key="ray", fix="download the base first, or run without --ray")
-                results = merge_on_ray(plan, base_src.folder(), out, journal, done, todo, compute, progress,
-                                       None if cfg.ray == "local" else cfg.ray, checksum)
+        job = _start(cfg, plan, base_src, adapter_srcs, findings)
+        with out_lock(job.out, cfg.worker):
+            _remove_dead_leftovers(job.out)
+            todo = job.prepare()
+            if todo is None:  # OUT already holds this merge, complete: nothing is written
+                results = [job.done[s.file] for s in plan.shards if s.file in job.done]
             else:
-                with torch_settings():
-                    results = _merge_shards(plan, base_src, out, journal, done, compute, progress, cfg.prefetch,
-                                            pusher, todo, checksum)
-            pending = _pending(out, plan, journal, cfg.local_copy)
-            if not pending:
-                side = _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], cfg.base, inputs, options,
-                                 findings, journal)
-                if pusher is not None:
-                    pusher.finish([*side, "README.md", RECORD_NAME, INDEX_NAME])
-                complete = True
+                results = job.merge(todo, progress)
+                pending = job.complete()
+            complete = not pending
     finally:
         base_src.close(complete)
-        if pusher is not None:
-            pusher.close()
-    return MergeReport(output=str(out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
-                       peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(done), pending=tuple(pending))
+        if job is not None:
+            if job.pusher is not None:
+                job.pusher.close()
+            remove_download_area(job.out)
+    return MergeReport(output=str(job.out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
+                       peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(job.done), pending=tuple(pending))
 
 
 def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:
@@ -355,115 +349,43 @@ def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:
     return set(split([(s.file, s.in_bytes) for s in plan.shards], n)[i])
 
 
-def _pending(out: Path, plan: MergePlan, journal: Journal, local_copy: bool = True) -> list[str]:
-    """Shards not finished yet by any worker (records re-read: other workers share OUT). With
-    --no-local-copy a finished shard may already be uploaded and deleted."""
-    journal.reload(out)
-    return [s.file for s in plan.shards
-            if s.file not in journal.shards or (local_copy and (
-                not (out / s.file).exists() or (out / s.file).stat().st_size != journal.shards[s.file]["size"]))]
-
-
-def _finalize(out: Path, plan: MergePlan, base_src: Source, adapter_labels: Sequence[str], base_label: str,
-              inputs: dict[str, Any], options: dict[str, Any], findings: Sequence[str], journal: Journal) -> list[str]:
-    """Every shard is on disk: write the side files, the model card, the record and, last, the index. An
-    existing index goes first, so that a run killed while rewriting these files never looks complete."""
-    (out / INDEX_NAME).unlink(missing_ok=True)
-    results = [_journal_result(journal, s.file) for s in plan.shards]
-    side = copy_side_files(base_src.folder(), [Path(a.path) for a in plan.adapters], out, plan.config_updates)
-    write_file_atomic(out / "README.md", model_card(plan, base_label, adapter_labels, base_dir=base_src.folder(),
-                                                    inputs=inputs))
-    write_record(out, {
-        "tool": "stream-merge", "version": __version__, "inputs": inputs, "options": options,
-        "plan_fingerprint": plan.fingerprint(), "config_updates": dict(plan.config_updates),
-        "compatibility": list(findings), "warnings": list(plan.warnings), "side_files": side,
-        "shards": shard_entries(results),
-    })
-    write_index(out, plan)
-    fsync_dir(out)
-    return side
-
-
 def finalize(output: str | Path) -> MergeReport:
-    """`stream-merge finalize OUT`: after partitioned workers, check every shard against the journal (size and
-    sha256) and write the index and record; refuses while shards are missing."""
+    """`stream-merge finalize OUT`: after partitioned workers, check that the journal still matches the inputs
+    and that every shard is finished (the one definition in `journal.shard_finished`), then write the side
+    files, the record and the index.
+
+    Args: output, the output folder. Returns a MergeReport of the (already merged) shards.
+    Raises OutputError when OUT holds no journal, inputs changed since, or shards are missing.
+    """
     t0 = time.perf_counter()
+    check_platform()
     out = Path(output)
-    journal = load_journal(out)
+    journal = load_journal_or_record(out)[0]
     if journal is None:
         raise OutputError("no stream-merge journal in this folder", file=str(out),
                           fix="run `stream-merge merge ... -o OUT` (or its --worker runs) first")
     cfg = config_from_record(journal.inputs, journal.options, str(out))
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
-    with _locked(out, ".stream-merge-finalize.lock"):
-        journal.reload(out)
-        missing = [s.file for s in plan.shards if _shard_done(out, journal, s.file) is None]
-        if missing:
-            raise OutputError(f"{len(missing)} of {len(plan.shards)} shards are not finished or do not match the "
-                              f"journal: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
-                              file=str(out), fix="run the missing workers (or the same merge command) again")
-        _finalize(out, plan, base_src, [s.spec for s in adapter_srcs], journal.inputs["base"]["spec"],
-                  journal.inputs, journal.options, findings, journal)
-    base_src.close(True)
-    return MergeReport(output=str(out), plan=plan, shards=tuple(_journal_result(journal, s.file) for s in plan.shards),
+    checksums = any("sha256" in f for f in (journal.inputs.get("base", {}).get("files") or {}).values())
+    inputs = inputs_record(base_src, adapter_srcs, plan, checksums)
+    try:
+        with out_lock(out):
+            journal = load_journal_or_record(out)[0]
+            if journal is None:
+                raise OutputError("the journal was removed meanwhile", file=str(out), fix="re-run finalize")
+            keys = fingerprint_options(cfg, str(journal.options.get("device", "cpu")))  # values: as recorded
+            fp = fingerprint(plan, inputs, {k: journal.options.get(k) for k in keys})
+            check_same_merge(journal, fp, inputs, journal.options, out)
+            missing = [s.file for s in plan.shards if not shard_done(out, journal, s.file)]
+            if missing:
+                raise OutputError(f"{len(missing)} of {len(plan.shards)} shards are not finished or do not match "
+                                  f"the journal: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
+                                  file=str(out), fix="run the missing workers (or the same merge command) again")
+            finalize_output(out, plan, base_src, [s.spec for s in adapter_srcs], journal.inputs["base"]["spec"],
+                            journal, findings)
+    finally:
+        base_src.close(True)
+        remove_download_area(out)
+    return MergeReport(output=str(out), plan=plan, shards=tuple(journal_result(journal, s.file) for s in plan.shards),
                        seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
                        resumed_shards=len(plan.shards))
-
-
-def _merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
-                  compute: Compute, progress: bool | Progress, prefetch: int = 1, pusher: Any = None,
-                  todo_files: Sequence[str] | None = None, checksum: bool = False) -> list[ShardResult]:
-    adapters = [AdapterReader(spec) for spec in plan.adapters]
-    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
-    results: list[ShardResult] = []
-    wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
-    progress, bar = progress_callback(plan, wanted, progress)
-    committer = ThreadPoolExecutor(1, thread_name_prefix="stream-merge-commit")
-    flushing: Future[None] | None = None
-
-    def commit(written: AtomicFile, res: ShardResult) -> None:
-        publish(written)
-        journal.record_shard(out, res)
-        base.release(res.file)
-        if pusher is not None:
-            pusher.submit(res.file, res.sha256)
-
-    try:
-        wanted = set(todo_files) if todo_files is not None else {s.file for s in plan.shards} - set(done)
-        todo = [s for s in plan.shards if s.file in wanted]
-        for shard in plan.shards:
-            if shard.file in done:
-                results.append(done[shard.file])
-                continue
-            if shard.file not in wanted:
-                continue
-            header = next(h for h in plan.base.shards if h.file == shard.file)
-            pos = todo.index(shard)
-            for ahead in todo[pos:pos + 1 + prefetch]:  # this shard first, then up to `prefetch` more
-                base.prefetch(ahead.file)
-            with ShardReader(base.shard_path(shard.file), header) as reader, frozen_gc():
-                written, res = write_shard(shard, reader, adapters, out / shard.file, compute,
-                                           lambda n, f=shard.file: progress(n, f), checksum, others)
-            if flushing is not None:
-                flushing.result()
-            # fsync + rename + journal on the committer thread, overlapping the next shard's merge: the
-            # disk flushes one shard while the CPU merges the next (at most one shard waits for its flush)
-            flushing = committer.submit(commit, written, res)
-            if base.kind != "local":
-                # a downloaded input shard is deleted only once its output is committed: no overlap, so the
-                # disk holds at most prefetch + 1 base shards
-                flushing.result()
-                flushing = None
-            results.append(res)
-        if flushing is not None:
-            flushing.result()
-    except KeyboardInterrupt:
-        raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
-                               fix="re-run the same command to resume") from None
-    finally:
-        committer.shutdown(wait=True)  # a complete shard that is being flushed is still published
-        for a in adapters:
-            a.close()
-        if bar is not None:
-            bar.close()
-    return results

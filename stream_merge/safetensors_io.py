@@ -1,4 +1,4 @@
-"""safetensors on disk: strict header parsing, byte-range reads, and an atomic, hashing shard writer.
+"""safetensors on disk: strict header parsing and byte-range reads (atomic writing lives in `fileio`).
 
 We parse headers ourselves (8-byte little-endian length + JSON) so that planning reads a few KiB per shard
 and every malformed file is caught with a message naming it, before anything is written. Tensor data is
@@ -9,26 +9,20 @@ unmapped as soon as the block is done, so RSS stays at a few blocks whatever the
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import mmap
 import os
 import struct
 import unicodedata
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .direct_io import FileSink
-from .errors import CheckpointFormatError, OutputError
+from .errors import CheckpointFormatError
 from .records import DTYPE_BITS, DTYPE_SIZES, ShardHeader, TensorInfo, numel, tensor_nbytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
-TMP_PREFIX = ".stream-merge-tmp."
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -293,100 +287,3 @@ def tensor_bytes(t: torch.Tensor) -> bytearray:
     if buf:
         torch.frombuffer(buf, dtype=torch.uint8).copy_(flat)
     return buf
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AtomicFile:
-    """Write a file through a temp file in the same folder; `commit` fsyncs and renames it into place.
-
-    The size (and with `digest`, the sha256) of everything written is tracked, so nothing re-reads the
-    output. Leaving the context without commit removes the temp file.
-    """
-
-    def __init__(self, final: Path, digest: bool = True, direct: bool = False) -> None:
-        self.final = final
-        self.direct = direct  # O_DIRECT for big files written once (see direct_io)
-        self.tmp = final.parent / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.hash = hashlib.sha256() if digest else None
-        self.size = 0
-        self._f: Any = None  # created by __enter__ or the first write, so an interrupt cannot strand it
-
-    def _open(self) -> None:
-        try:
-            self._f = FileSink(self.tmp, direct=self.direct)
-        except OSError as exc:
-            raise OutputError(f"cannot create a file in the output folder ({exc.strerror})",
-                              file=str(self.tmp)) from None
-        except BaseException:  # Ctrl-C right after the file was created
-            self.tmp.unlink(missing_ok=True)
-            raise
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._f is None:
-            self._open()
-        mv = memoryview(data).cast("B")
-        if self.hash is not None:
-            self.hash.update(mv)
-        self.size += mv.nbytes
-        try:
-            self._f.write(mv)
-        except OSError as exc:
-            raise self._write_error(exc) from None
-
-    def _write_error(self, exc: OSError) -> OutputError:
-        hint = {errno.ENOSPC: "free disk space (or choose another -o), then re-run to resume",
-                errno.EDQUOT: "raise your disk quota or free space, then re-run to resume",
-                errno.EFBIG: "the file system or a ulimit -f caps the file size; lift it, then re-run to resume"}
-        return OutputError(f"cannot write the output file ({exc.strerror or exc})", file=str(self.final),
-                           fix=hint.get(exc.errno or 0, "check the output disk, then re-run to resume"))
-
-    def hexdigest(self) -> str | None:
-        return self.hash.hexdigest() if self.hash is not None else None
-
-    def commit(self) -> tuple[int, str | None]:
-        if self._f is None:
-            self._open()
-        try:
-            self._f.finish()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self.tmp, self.final)
-            fsync_dir(self.final.parent)
-        except OSError as exc:
-            raise self._write_error(exc) from None
-        return self.size, self.hexdigest()
-
-    def abort(self) -> None:
-        try:
-            if self._f is not None:
-                self._f.close()
-        finally:
-            try:
-                self.tmp.unlink()
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> "AtomicFile":
-        if self._f is None:
-            self._open()
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if self.tmp.exists():
-            self.abort()
-
-
-def write_file_atomic(path: Path, data: bytes) -> str:
-    """Publish a small file atomically; returns its sha256."""
-    with AtomicFile(path) as f:
-        f.write(data)
-        digest = f.commit()[1]
-        assert digest is not None
-        return digest

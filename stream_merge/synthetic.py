@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .records import DTYPE_SIZES, numel
-from .safetensors_io import TORCH_DTYPES, AtomicFile, header_bytes, tensor_bytes, write_file_atomic
+from .fileio import AtomicFile, write_file_atomic
+from .safetensors_io import TORCH_DTYPES, header_bytes, tensor_bytes
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

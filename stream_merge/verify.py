@@ -31,7 +31,7 @@ from .checkpoint import INDEX_NAME, regular_file
 from .compute import Compute, compute_threads, frozen_gc, torch_settings
 from .errors import InputError, StreamMergeError, VerificationError
 from .extras import RECORD_NAME
-from .journal import file_sha256
+from .fileio import file_sha256
 from .pipeline import shard_chunks
 from .records import MergePlan, ShardHeader
 from .safetensors_io import ShardReader, read_header_file
@@ -136,7 +136,7 @@ def _recorded_inputs(record: dict[str, Any], out: Path, full: bool) -> Iterator[
     """The plan rebuilt from the recorded inputs, and the base's source (a Hub base downloads into OUT's
     download area with `full`; the downloads are removed on exit)."""
     from .config import config_from_record
-    from .runner import plan_merge
+    from .runner import plan_merge, remove_download_area
 
     cfg = config_from_record(record["inputs"], record.get("options", {}), str(out) if full else None)
     plan, base_src, adapter_srcs, _ = plan_merge(cfg)
@@ -145,6 +145,8 @@ def _recorded_inputs(record: dict[str, Any], out: Path, full: bool) -> Iterator[
     finally:
         for src in (base_src, *adapter_srcs):
             src.close(complete=True)
+        if full:
+            remove_download_area(out)
 
 
 def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: ShardHeader | None,

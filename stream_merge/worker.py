@@ -19,7 +19,8 @@ from .compute import BufferPool, Compute, Scratch, compute_threads, frozen_gc, t
 from .pipeline import Chunk, out_header, shard_chunks, shard_jobs
 from .recipes import Recipe, cannot_overflow, choose_recipe
 from .records import ShardPlan, ShardResult
-from .safetensors_io import AtomicFile, ShardReader
+from .fileio import AtomicFile
+from .safetensors_io import ShardReader
 from .shard_rows import OtherShards
 
 __all__ = ["BufferPool", "Chunk", "Compute", "Recipe", "Scratch", "cannot_overflow", "choose_recipe",

@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_pair
+from stream_merge.fileio import owner_tag, temp_name
 from stream_merge.journal import SHARDS_DIR, load_journal
 
 from stream_merge.synthetic import LlamaShape, write_adapter
@@ -167,7 +168,11 @@ class Child:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """A file's digest; the model card names the command that made it, so its OUT path is taken out first."""
+    data = path.read_bytes()
+    if path.name == "README.md":
+        data = data.replace(os.fsencode(str(path.parent)), b"<OUT>")
+    return hashlib.sha256(data).hexdigest()
 
 
 def listing(out: Path) -> list[str]:
@@ -201,9 +206,8 @@ class World:
     kills: list[str] = field(default_factory=list)  # one entry per SIGKILL that hit a running merge
 
     def args(self, out: Path, *extra: object, adapter: Path | None = None) -> list[str]:
-        # --quiet: no progress lines, so that a failing run's stderr is its one error line
         return ["merge", str(self.base), str(adapter or self.adapter), "-o", str(out), "--block-size-mb", "1",
-                "--device", "cpu", "--quiet", *map(str, extra)]
+                "--device", "cpu", *map(str, extra)]
 
     def assert_identical(self, out: Path, allow_lock: bool = False) -> None:
         """OUT is complete: the same files as the reference, byte for byte (no temp files, no lock)."""
@@ -462,7 +466,8 @@ def test_sigkill_real_cli_process_then_resume(world: World) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_exits_130_cleanly_and_resumes(world: World, sig: int) -> None:
     out = world.root / f"interrupt-{sig.name}"
-    proc = subprocess.Popen(cli(*world.args(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --quiet: no progress lines, so that stderr is the one error line
+    proc = subprocess.Popen(cli(*world.args(out, "--quiet")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: journaled(out, 1)() or proc.poll() is not None, what="the first journaled shard")
         proc.send_signal(sig)
@@ -494,8 +499,8 @@ def test_failing_write_exits_2_naming_the_shard_then_resumes(world: World) -> No
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    res = subprocess.run(cli(*world.args(out)), capture_output=True, text=True, timeout=600,
-                         preexec_fn=limit_file_size)
+    res = subprocess.run(cli(*world.args(out, "--quiet")), capture_output=True, text=True, timeout=600,
+                         preexec_fn=limit_file_size)  # --quiet: no progress lines before the one error line
     assert res.returncode == 2, f"rc={res.returncode}\n{res.stderr}"
     assert "Traceback" not in res.stderr, res.stderr
     lines = res.stderr.splitlines()
@@ -601,9 +606,17 @@ def test_second_concurrent_run_fails_fast_on_the_lock(world: World) -> None:
     world.assert_identical(out)
 
 
+def dead_owner() -> str:
+    """The owner part of temp names of a process of this host that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{owner_tag().split('-')[0]}-{proc.pid}-abcdef"
+
+
 def test_stale_temp_files_are_removed(world: World) -> None:
-    stale = {f"{TMP}{world.shards[0]}.4242.deadbeef": b"half a shard",
-             f"{TMP}{JOURNAL}.4242.cafef00d": b'{"version": 1, "shar'}
+    """Temp files of killed runs of this host are removed by the next run (their owner provably ended)."""
+    dead = dead_owner()
+    stale = {temp_name(world.shards[0], dead): b"half a shard", temp_name(JOURNAL, dead): b'{"version": 1, "shar'}
     # an otherwise empty OUT holding only stale temp files
     out = world.root / "stale-new"
     out.mkdir()
@@ -615,7 +628,7 @@ def test_stale_temp_files_are_removed(world: World) -> None:
     world.kill_after_journaled(out, 1, "stale-partial")
     for name, data in stale.items():
         (out / name).write_bytes(data)
-    record_tmp = out / SHARDS_DIR / f"{TMP}{world.shards[-1]}.json.4242.0badf00d"  # a kill inside a record write
+    record_tmp = out / SHARDS_DIR / temp_name(f"{world.shards[-1]}.json", dead)  # a kill inside a record write
     record_tmp.write_bytes(b'{"size": 1')
     world.finish(out)
     assert not record_tmp.exists()
@@ -627,7 +640,7 @@ def test_stale_temp_files_are_removed(world: World) -> None:
 INTERRUPT_LOOP = r"""
 import os, random, shutil, signal, sys, time
 from pathlib import Path
-from stream_merge.safetensors_io import TMP_PREFIX, AtomicFile, write_file_atomic
+from stream_merge.fileio import TMP_PREFIX, AtomicFile, write_file_atomic
 root, trials = Path(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(5)
 leaks = []
