@@ -95,3 +95,29 @@ def test_ray_local_instance_matches_and_survives_a_failed_task(job, tmp_path: Pa
     assert marker.exists(), "the injected failure did not happen"
     assert _files(out) == ref
     assert run_cli("verify", out).returncode == 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.hub
+def test_ray_push_to_hub_uploads_every_shard_before_the_index(job, hub, tmp_path: Path) -> None:
+    """Issue 12 item 1: each shard a Ray task finishes reaches the uploader; the index arrives last, in a
+    commit after every shard it lists."""
+    pytest.importorskip("ray")
+    from hub_server import hub_env
+
+    base, adapter, ref = job
+    out = tmp_path / "out"
+    env = hub_env(hub, tmp_path / "hf", {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    r = subprocess.run([sys.executable, "-m", "stream_merge", "merge", str(base), str(adapter), "-o", str(out),
+                        "--ray", "--quiet", "--push-to-hub", "org/merged", "--token", "hf_push"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    repo = hub.get_repo("org/merged")
+    head = repo.commits[repo.branches["main"]]
+    index = "model.safetensors.index.json"
+    for name, data in ref.items():
+        assert name in head.files, f"{name} was not pushed"
+        assert head.files[name].read() == data, name
+    assert index not in repo.commits[head.parent].files  # the index came last
+    assert all(name in repo.commits[head.parent].files for name in ref if name != index)
