@@ -110,10 +110,8 @@ def _check_regexes(cfg: Mapping[str, Any], file: str) -> None:
                          fix=f"correct {exc.field} in adapter_config.json") from None
 
 
-def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
-    """Validate adapter_config.json; refuse every semantics-changing field we do not implement."""
-    if not isinstance(cfg, dict):
-        raise InputError("adapter_config.json is not a JSON object", file=file)
+def _check_supported(cfg: Mapping[str, Any], file: str) -> None:
+    """A LoRA config without any field that changes merge semantics in a way we do not implement."""
     peft_type = cfg.get("peft_type")
     if peft_type is None:
         raise InputError("adapter_config.json has no peft_type", file=file, key="peft_type",
@@ -141,12 +139,19 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
             file=file, key="init_lora_weights",
             fix="convert the adapter with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) "
                 "so it applies to the original base" if mutating else "merge with PEFT instead")
+
+
+def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
+    """Validate adapter_config.json; refuse every semantics-changing field we do not implement."""
+    if not isinstance(cfg, dict):
+        raise InputError("adapter_config.json is not a JSON object", file=file)
+    _check_supported(cfg, file)
     if cfg.get("use_dora") and cfg.get("lora_bias"):
         raise InputError("use_dora and lora_bias cannot be combined (PEFT refuses this config)", file=file,
                          key="lora_bias")
-    tp = cfg.get("target_parameters") or ()
-    if isinstance(tp, str) or not all(isinstance(t, str) for t in tp):
-        raise InputError(f"target_parameters must be a list of names, got {tp!r}", file=file,
+    target_params = cfg.get("target_parameters") or ()
+    if not isinstance(target_params, (list, tuple)) or not all(isinstance(t, str) for t in target_params):
+        raise InputError(f"target_parameters must be a list of names, got {target_params!r}", file=file,
                          key="target_parameters")
     if cfg.get("trainable_token_indices"):
         raise UnsupportedAdapterError("trainable_token_indices is not supported yet", file=file,
@@ -161,6 +166,9 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
     mts = cfg.get("modules_to_save") or ()
     if isinstance(mts, str):
         mts = (mts,)
+    if not isinstance(mts, (list, tuple)) or not all(isinstance(m, str) for m in mts):
+        raise InputError(f"modules_to_save must be a list of module names, got {mts!r}", file=file,
+                         key="modules_to_save")
     return LoraSettings(
         r=int(r),
         lora_alpha=_num(cfg, "lora_alpha", file, 8),
@@ -171,7 +179,7 @@ def parse_settings(cfg: Mapping[str, Any], file: str) -> LoraSettings:
         bias=bias,
         lora_bias=bool(cfg.get("lora_bias", False)),
         use_dora=bool(cfg.get("use_dora", False)),
-        target_parameters=tuple(tp),
+        target_parameters=tuple(target_params),
         target_modules=cfg.get("target_modules"),
         exclude_modules=cfg.get("exclude_modules"),
         layers_to_transform=cfg.get("layers_to_transform"),

@@ -52,11 +52,11 @@ def load_json(path: Path, what: str) -> Any:
         raise InputError(f"{what} cannot be read ({exc.strerror})", file=str(path)) from None
 
 
-def load_model_config(path: Path) -> dict[str, Any]:
-    """A model's config.json: must be a JSON object."""
-    config = load_json(path, "config.json")
+def load_model_config(path: Path, what: str = "config.json") -> dict[str, Any]:
+    """A model's config.json (the base's, or one shipped with an adapter): must be a JSON object."""
+    config = load_json(path, what)
     if not isinstance(config, dict):
-        raise InputError(f"config.json is not a JSON object (it holds a {type(config).__name__})", file=str(path),
+        raise InputError(f"{what} is not a JSON object (it holds a {type(config).__name__})", file=str(path),
                          fix="re-download the model's config.json")
     return config
 

@@ -7,19 +7,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .model_config import config_value
+
 COMPARED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 
 
 def _norm(name: str) -> str:
     """A model identity for loose comparison: last path component, lowercase, alphanumerics only."""
     return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
-
-
-def _text(cfg: Mapping[str, Any], key: str) -> Any:
-    if key in cfg:
-        return cfg[key]
-    sub = cfg.get("text_config")
-    return sub.get(key) if isinstance(sub, Mapping) else None
 
 
 def compatibility_findings(base_label: str, base_config: Mapping[str, Any] | None, adapter_label: str,
@@ -42,7 +37,7 @@ def compatibility_findings(base_label: str, base_config: Mapping[str, Any] | Non
                          f"{', '.join(map(str, archs))}")
     if adapter_model_config:
         for key in COMPARED_FIELDS:
-            a, b = _text(adapter_model_config, key), _text(base_config, key)
+            a, b = config_value(adapter_model_config, key), config_value(base_config, key)
             if a is not None and b is not None and a != b:
                 found.append(f"adapter {adapter_label}'s config.json has {key}={a!r}, BASE has {key}={b!r}")
         a_arch = adapter_model_config.get("architectures")

@@ -2,15 +2,17 @@
 
 Adapter keys name modules as they were in memory at training time; the checkpoint on disk may use another
 layout (VLM refactors, Mixtral's block_sparse_moe, wrapper prefixes). Names are therefore resolved by lookup
-in the base's tensor names: exact, then user rules, then a rename table, then a unique suffix match.
+in the base's tensor names: exact, then user rules, then a rename table, then a unique suffix match, then
+the renames transformers v5 applies when it loads the checkpoint (load_renames.py: ViT, Dinov2, Swin...).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from .load_renames import LoadRenames
 from .patterns import compile_patterns, pattern_value, peft_targets  # noqa: F401  (re-exported)
 
 PEFT_PREFIX = "base_model.model."
@@ -42,7 +44,7 @@ PEFT_CONVERTED_MOE = frozenset({
     "mixtral", "minimax", "minimax_m2", "Dots3NoteTextModel", "afmoe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
     "dots1", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm4v_moe", "longcat_flash", "solar_open",
     "mellum", "qwen3_moe", "beam", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text", "qwen3_next",
-    "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe", "cohere2_moe",
+    "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe", "cohere2_moe", "UnlimitedOcrTextModel",
 })
 
 
@@ -51,6 +53,12 @@ def is_converted_router(module: str, model_type: str | None) -> bool:
     parts = module.split(".")
     return (model_type in PEFT_CONVERTED_MOE and len(parts) >= 2 and parts[-1] == "gate"
             and parts[-2] in ("mlp", "block_sparse_moe"))
+
+
+# Model types whose fused experts transformers stores (E, in, out) and marks `is_transposed=True`
+# (`@use_experts_implementation(is_transposed=True)`): PEFT's ParamWrapper then computes the delta as
+# einsum("ore,eri->eio"). Checked against the installed transformers by tests/test_keymap.py.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
 
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
@@ -142,13 +150,17 @@ def is_conv1d_module(module: str, model_type: str | None, fan_in_fan_out: bool) 
 
 
 class TargetResolver:
-    """Finds the on-disk tensor for an in-memory name: exact, user rules, rename table, unique suffix."""
+    """Finds the on-disk tensor for an in-memory name: exact, user rules, rename table, unique suffix, then
+    the renames transformers applies when it loads this checkpoint (`load_renames`, built on first need)."""
 
-    def __init__(self, names: Collection[str], rules: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(self, names: Collection[str], rules: Sequence[tuple[str, str]] = (),
+                 load_renames: Callable[[], LoadRenames | None] | None = None) -> None:
         self.names = names
         self.rules = [(re.compile(p), r) for p, r in rules]
         self.renames = [(re.compile(p), r) for p, r in RENAMES]
         self._suffixes: dict[str, list[str]] | None = None
+        self._load_renames = load_renames
+        self._loaded: tuple[dict[str, list[str]], str] | None = None
 
     def _suffix_index(self) -> dict[str, list[str]]:
         if self._suffixes is None:
@@ -159,6 +171,19 @@ class TargetResolver:
                     idx.setdefault(".".join(parts[i:]), []).append(n)
             self._suffixes = idx
         return self._suffixes
+
+    def _memory_names(self) -> tuple[dict[str, list[str]], str]:
+        """In-memory name -> disk names, for the base names that transformers renames on load."""
+        if self._loaded is None:
+            found = self._load_renames() if self._load_renames else None
+            index: dict[str, list[str]] = {}
+            if found is not None:
+                for n in self.names:
+                    memory = found.rename(n)
+                    if memory != n:
+                        index.setdefault(memory, []).append(n)
+            self._loaded = (index, f"rename ({found.source})" if found else "")
+        return self._loaded
 
     def resolve(self, name: str) -> tuple[str | None, str, list[str]]:
         """(target or None, how it was found, ambiguous candidates)."""
@@ -183,6 +208,12 @@ class TargetResolver:
             return cands[0], "suffix", []
         if cands:
             return None, "ambiguous", cands
+        index, via = self._memory_names()
+        loaded = sorted(index.get(name, []))
+        if len(loaded) == 1:
+            return loaded[0], via, []
+        if loaded:
+            return None, "ambiguous", loaded
         return None, "missing", []
 
 

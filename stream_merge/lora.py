@@ -58,16 +58,21 @@ def param_delta_rows(a: torch.Tensor, b: torch.Tensor, scale: float, experts: in
 
 
 def param_delta_flat_rows(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, rows: int, r0: int,
-                          r1: int) -> torch.Tensor:
+                          r1: int, transposed: bool = False) -> torch.Tensor:
     """Rows [r0, r1) of the (E·out, in) view of a fused (E, out, in) parameter's delta: Δ[e] = B[:, :, e] @ A[e]
     * s per expert, as `param_delta_rows`, for the experts the rows touch (`rows` = out rows per expert).
-    A block is whole experts or 64-aligned rows inside one expert (`expert_blocks`): both keep PEFT's bits."""
+    A block is whole experts or 64-aligned rows inside one expert (`expert_blocks`): both keep PEFT's bits.
+    `transposed`: the parameter is (E, in, out) (GPT-OSS; PEFT's einsum "ore,eri->eio"), the view is
+    (E·in, out) and its rows are rows of Δ[e]ᵀ = A[e]ᵀ @ B[:, :, e]ᵀ (the same bits as PEFT's einsum)."""
     a3 = a.reshape(experts, -1, a.shape[-1])
     b3 = b.reshape(b.shape[0], -1, experts)
     parts = []
     for e in range(r0 // rows, -(-r1 // rows)):
         lo, hi = max(r0, e * rows) - e * rows, min(r1, (e + 1) * rows) - e * rows
-        parts.append((b3[lo:hi, :, e] @ a3[e]) * scale)
+        if transposed:
+            parts.append((a3[e][:, lo:hi].T @ b3[:, :, e].T) * scale)
+        else:
+            parts.append((b3[lo:hi, :, e] @ a3[e]) * scale)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

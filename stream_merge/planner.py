@@ -1,553 +1,279 @@
 """Base index + adapters -> MergePlan. Pure: reads no files, so every problem is found before any IO.
 
-For each adapter module we resolve the base tensor(s) it changes, decide the layer kind (Linear, HF Conv1D,
-Embedding, ConvNd, lora_bias, raw parameters / MoE experts, DoRA), check every shape and rank, and compute
-PEFT's scale. Problems are collected, not raised, so that the user sees all of them at once.
+For each adapter: decode its keys, plan full-tensor replacements (modules_to_save, saved biases), then each
+LoRA module onto the base tensor it changes (plan_modules: layer kind, shapes, rank, scale, DoRA), raw
+parameters and MoE experts (plan_params), the tie policy (ties) and fp8 pairing (plan_fp8). Problems are
+collected, not raised, so that the user sees all of them at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
-from .keymap import (PER_EXPERT_PARTS, ParsedKey, TargetResolver, is_conv1d_module,
-                     is_converted_router, parse_key, targeted_params)
-from .patterns import ModuleSelection, PatternTimeout, compile_patterns, pattern_value
-from .records import (FLOAT_DTYPES, FP8_DTYPES, AdapterSpec, AdapterTensor, BaseIndex, LoraPatch, MergePlan,
-                      ModuleMapping, QuantSpec, Replacement, ShardPlan, TensorInfo, TensorPlan)
+from .keymap import ParsedKey, TargetResolver, parse_key, targeted_params
+from .load_renames import load_renames
+from .model_config import config_value
+from .patterns import ModuleSelection, PatternTimeout, compile_patterns
+from .plan_dtype import dtype_updates, out_dtype
+from .plan_fp8 import DROP, fp8_tensor_plan, is_fp8_scale, read_quantization
+from .plan_modules import plan_module
+from .plan_params import plan_param
+from .plan_state import PlanOptions, PlanState
+from .records import (FLOAT_DTYPES, AdapterSpec, BaseIndex, MergePlan, Replacement, ShardHeader, ShardPlan,
+                      TensorPlan)
 from .ties import _is_head, _tie_policy, add_alias_replacement, tied_alias, vocab_row_tensor
 
+__all__ = ["PlanOptions", "build_plan"]
 
-@dataclass(frozen=True)
-class PlanOptions:
-    key_map: tuple[tuple[str, str], ...] = ()
-    strict: bool = False
-    untie: bool = False
-    dequantize: bool = False
-    dtype: str = "auto"  # output dtype of floating tensors: auto, bf16, fp16, fp32 (see _out_dtype)
-
-
-OUT_DTYPES = {"bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16"), "fp32": ("F32", "float32")}
-
-
-@dataclass
-class _Acc:
-    """Mutable scratch state while planning (never escapes this module)."""
-
-    base: BaseIndex
-    resolver: TargetResolver
-    options: PlanOptions
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    replacements: dict[str, Replacement] = field(default_factory=dict)
-    patches: dict[str, list[LoraPatch]] = field(default_factory=dict)
-    mapping: list[ModuleMapping] = field(default_factory=list)
-    config_updates: dict[str, object] = field(default_factory=dict)
-    head_modules: list[tuple[int, str, dict[str, ParsedKey]]] = field(default_factory=list)
-    tie_groups: tuple | None = None  # ties.groups_of: the base's tied groups, computed once
-    fp8_block: tuple[int, int] | None = None  # fp8 block-quantized base: the scale block shape
-
-    def resolve(self, name: str, what: str) -> tuple[TensorInfo | None, str]:
-        target, via, cands = self.resolver.resolve(name)
-        if target is not None:
-            return self.base.tensors[target], via
-        if via == "ambiguous":
-            self.problems.append(f"{what}: {name!r} matches several base tensors ({', '.join(cands[:6])}); "
-                                 "add a key_map rule to pick one")
-        return None, via
-
-    def add(self, patch: LoraPatch, via: str) -> None:
-        self.patches.setdefault(patch.target, []).append(patch)
-        self.mapping.append(ModuleMapping(patch.adapter, patch.module, patch.target, patch.kind, patch.rank,
-                                          patch.alpha, patch.scale, via))
-
-
-def _text_cfg(base: BaseIndex, key: str) -> object:
-    cfg = base.config or {}
-    if key in cfg:
-        return cfg[key]
-    sub = cfg.get("text_config")
-    return sub.get(key) if isinstance(sub, dict) else None
+# one adapter's keys by job: LoRA roles per (module, nesting depth), full-tensor replacements, and the
+# untrained originals a modules_to_save wrapper keeps
+RoleGroups = dict[tuple[str, int], dict[str, ParsedKey]]
 
 
 def _vocab_size(base: BaseIndex) -> int | None:
-    v = _text_cfg(base, "vocab_size")
+    v = config_value(base.config, "vocab_size")
     return v if isinstance(v, int) else None
 
 
-def _scale(st, ranks, alphas, key: str, r_file: int, where: str, acc: _Acc) -> tuple[int, float, float] | None:
-    r = pattern_value(ranks, key, st.r)
-    alpha = pattern_value(alphas, key, st.lora_alpha)
-    if r != r_file:
-        acc.problems.append(f"{where}: rank mismatch: the config gives r={r} but the weights have rank {r_file}; "
-                            "fix rank_pattern or r in adapter_config.json")
-        return None
-    return r, float(alpha), (alpha / math.sqrt(r) if st.use_rslora else alpha / r)
+def _replacement_reason(pk: ParsedKey, spec: AdapterSpec) -> str:
+    if pk.adapter_name or ".modules_to_save." in pk.key or any(
+            pk.module == m or pk.module.endswith("." + m) for m in spec.settings.modules_to_save):
+        return "modules_to_save"
+    return "bias" if pk.param == "bias" else "saved base layer"
 
 
-def _plan_replacements(acc: _Acc, idx: int, spec: AdapterSpec, keys: Sequence[ParsedKey], vocab: int | None) -> None:
+def _unmatched_replacement(state: PlanState, idx: int, pk: ParsedKey, reason: str, shape: tuple[int, ...]) -> None:
+    """A replacement whose target is not in the base: a tied member absent from disk (see ties), or a problem."""
+    target = pk.replace_target
+    if not add_alias_replacement(state, idx, pk.key, target, reason, shape):
+        state.problems.append(
+            f"adapter {idx} key {pk.key!r} ({reason}) matched no base tensor (looked for {target!r}); "
+            "a task head such as 'score' or 'classifier' does not exist in a CausalLM checkpoint, "
+            "else add a key_map rule")
+
+
+def _resize_problem(state: PlanState, idx: int, pk: ParsedKey, src_shape: tuple[int, ...], info, vocab: int | None
+                    ) -> bool:
+    """A replacement of another shape is only valid as a resized vocabulary (recorded in config_updates);
+    True when it is a problem."""
+    resized = (len(src_shape) == 2 and len(info.shape) == 2 and src_shape[1] == info.shape[1]
+               and vocab is not None and info.shape[0] == vocab)
+    if not resized:
+        state.problems.append(f"adapter {idx} key {pk.key!r} has shape {list(src_shape)} but base tensor "
+                              f"{info.name!r} is {list(info.shape)}")
+        return True
+    prev = state.config_updates.get("vocab_size")
+    if prev is not None and prev != src_shape[0]:
+        state.problems.append(f"adapter {idx} resizes the vocabulary to {src_shape[0]} rows in {pk.key!r} "
+                              f"but to {prev} elsewhere")
+    state.config_updates["vocab_size"] = src_shape[0]
+    return False
+
+
+def _plan_replacements(state: PlanState, idx: int, spec: AdapterSpec, keys: Sequence[ParsedKey],
+                       vocab: int | None) -> None:
+    """Full tensors of the adapter file that replace base tensors (modules_to_save, biases, saved layers)."""
     for pk in keys:
-        target = pk.replace_target
-        reason = ("modules_to_save" if pk.adapter_name or ".modules_to_save." in pk.key
-                  or any(pk.module == m or pk.module.endswith("." + m) for m in spec.settings.modules_to_save)
-                  else "bias" if pk.param == "bias" else "saved base layer")
+        reason = _replacement_reason(pk, spec)
         src = spec.by_key[pk.key]
-        info, via = acc.resolve(target, f"adapter {idx} key {pk.key!r}")
+        info, via = state.resolve(pk.replace_target, f"adapter {idx} key {pk.key!r}")
         if info is None:
-            if via == "ambiguous":
-                continue
-            if not add_alias_replacement(acc, idx, pk.key, target, reason, src.shape):  # tied member: see ties
-                acc.problems.append(
-                    f"adapter {idx} key {pk.key!r} ({reason}) matched no base tensor (looked for {target!r}); "
-                    "a task head such as 'score' or 'classifier' does not exist in a CausalLM checkpoint, "
-                    "else add a key_map rule")
+            if via != "ambiguous":
+                _unmatched_replacement(state, idx, pk, reason, src.shape)
             continue
         if info.dtype not in FLOAT_DTYPES or src.dtype not in FLOAT_DTYPES:
-            acc.problems.append(f"adapter {idx} key {pk.key!r}: cannot replace {info.name!r} of dtype {info.dtype} "
-                                f"with {src.dtype}")
+            state.problems.append(f"adapter {idx} key {pk.key!r}: cannot replace {info.name!r} of dtype "
+                                  f"{info.dtype} with {src.dtype}")
             continue
-        if src.shape != info.shape:
-            resized = (len(src.shape) == 2 and len(info.shape) == 2 and src.shape[1] == info.shape[1]
-                       and vocab is not None and info.shape[0] == vocab)
-            if not resized:
-                acc.problems.append(f"adapter {idx} key {pk.key!r} has shape {list(src.shape)} but base tensor "
-                                    f"{info.name!r} is {list(info.shape)}")
-                continue
-            prev = acc.config_updates.get("vocab_size")
-            if prev is not None and prev != src.shape[0]:
-                acc.problems.append(f"adapter {idx} resizes the vocabulary to {src.shape[0]} rows in {pk.key!r} "
-                                    f"but to {prev} elsewhere")
-            acc.config_updates["vocab_size"] = src.shape[0]
-        prev_rep = acc.replacements.get(info.name)
+        if src.shape != info.shape and _resize_problem(state, idx, pk, src.shape, info, vocab):
+            continue
+        prev_rep = state.replacements.get(info.name)
         if prev_rep is not None and prev_rep.adapter == idx and ".modules_to_save." in pk.key:
             if prev_rep.shape != src.shape:
-                acc.problems.append(f"adapter {idx}: {pk.key!r} and {prev_rep.key!r} disagree on the shape of "
-                                    f"{info.name!r}")
+                state.problems.append(f"adapter {idx}: {pk.key!r} and {prev_rep.key!r} disagree on the shape of "
+                                      f"{info.name!r}")
             continue  # the wrapper's copy of the trained tensor, saved next to the plain key
         if prev_rep is not None:
-            acc.problems.append(f"{info.name!r} is replaced by two adapter tensors "
-                                f"({prev_rep.key!r} and {pk.key!r})")
+            state.problems.append(f"{info.name!r} is replaced by two adapter tensors "
+                                  f"({prev_rep.key!r} and {pk.key!r})")
             continue
-        acc.replacements[info.name] = Replacement(info.name, idx, pk.key, reason, src.shape)
+        state.replacements[info.name] = Replacement(info.name, idx, pk.key, reason, src.shape)
 
 
-def _lora_kind(acc: _Acc, module: str, emb: bool, a: AdapterTensor, b: AdapterTensor, wshape: tuple[int, ...],
-               name: str, fifo: bool, where: str) -> str | None:
-    """linear / conv1d / embedding / conv from the shapes (and the architecture for square Conv1D)."""
-    if emb:
-        if len(a.shape) == 2 and len(b.shape) == 2 and wshape == (a.shape[1], b.shape[0]):
-            return "embedding"
-    elif len(wshape) >= 3:
-        k = wshape[2:]
-        if len(a.shape) != len(wshape) or len(b.shape) != len(wshape):
-            pass
-        elif a.shape[1] != wshape[1]:
-            acc.problems.append(f"{where}: {name!r} is a grouped convolution ({wshape[1]} input channels per group, "
-                                f"lora_A has {a.shape[1]}); PEFT cannot merge groups > 1 either")
-            return None
-        elif len(wshape) == 5 and tuple(wshape[2:4]) == (1, 1):
-            acc.problems.append(f"{where}: Conv3d kernel {list(k)} starts with (1, 1), which PEFT's merge "
-                                "mishandles; refusing rather than guessing")
-            return None
-        elif (tuple(a.shape[2:]) == k and b.shape[0] == wshape[0] and b.shape[1] == a.shape[0]
-              and all(d == 1 for d in b.shape[2:])):
-            return "conv"
-    elif len(a.shape) == 2 and len(b.shape) == 2 and len(wshape) == 2:
-        as_linear = wshape == (b.shape[0], a.shape[1])
-        as_conv1d = wshape == (a.shape[1], b.shape[0])
-        if as_linear and as_conv1d:
-            return "conv1d" if is_conv1d_module(module, _text_cfg(acc.base, "model_type"), fifo) else "linear"
-        if as_linear or as_conv1d:
-            return "linear" if as_linear else "conv1d"
-    acc.problems.append(f"{where}: shape mismatch: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
-                        f"base tensor {name!r} {list(wshape)}")
-    return None
-
-
-def _plan_module(acc: _Acc, idx: int, spec: AdapterSpec, module: str, roles: dict[str, ParsedKey],
-                 info: TensorInfo, via: str, ranks, alphas, target_name: str | None = None) -> None:
-    """One LoRA module onto one 2-D/N-D base tensor (`target_name` renames it: the untied head)."""
-    st = spec.settings
-    where = f"adapter {idx} module {module!r}"
-    emb = "emb_A" in roles
-    ka, kb = roles["emb_A" if emb else "A"], roles["emb_B" if emb else "B"]
-    a, b = spec.by_key[ka.key], spec.by_key[kb.key]
-    name = target_name or info.name
-    fp8 = acc.fp8_block is not None and info.dtype in FP8_DTYPES
-    if fp8:
-        scale = acc.base.tensors.get(info.name + "_scale_inv")
-        if scale is None or len(info.shape) != 2:
-            acc.problems.append(f"{where}: fp8 weight {info.name!r} needs its block scales "
-                                f"{info.name + '_scale_inv'!r} (any shard)")
-            return
-    elif info.dtype not in FLOAT_DTYPES:
-        acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; only F32/F16/BF16/F64 weights "
-                            "can be merged (quantized bases are not supported)")
-        return
-    if any(x.dtype not in FLOAT_DTYPES for x in (a, b)):
-        acc.problems.append(f"{where}: LoRA factors must be float tensors")
-        return
-    rep = acc.replacements.get(info.name) if target_name is None else None
-    wshape = rep.shape if rep else info.shape
-    if len(wshape) >= 3 and len(a.shape) == len(wshape) and a.shape[1] != wshape[1]:
-        acc.problems.append(f"{where}: {info.name!r} is a grouped convolution ({wshape[1]} input channels per group, "
-                            f"lora_A has {a.shape[1]}); PEFT cannot merge groups > 1 either")
-        return
-    if len(a.shape) < 2 or len(b.shape) < 2 or b.shape[1] != a.shape[0]:
-        acc.problems.append(f"{where}: rank mismatch between {ka.key!r} {list(a.shape)} and {kb.key!r} "
-                            f"{list(b.shape)}")
-        return
-    kind = _lora_kind(acc, module, emb, a, b, wshape, info.name, st.fan_in_fan_out, where)
-    if kind is None:
-        return
-    if fp8 and (kind != "linear" or st.use_dora):
-        acc.problems.append(f"{where}: only plain LoRA on Linear layers can be merged into fp8 weights")
-        return
-    got = _scale(st, ranks, alphas, module, a.shape[0], where, acc)
-    if got is None:
-        return
-    r, alpha, scale = got
-    mag = roles.get("magnitude")
-    if st.use_dora:
-        if mag is None:
-            acc.problems.append(f"{where}: use_dora is set but the file has no lora_magnitude_vector for it "
-                                "(PEFT would silently re-initialise it); the adapter is incomplete")
-            return
-        m = spec.by_key[mag.key]
-        want = {"linear": (wshape[0],), "conv1d": (wshape[1],), "embedding": (wshape[1],),
-                "conv": (1, wshape[0]) + (1,) * (len(wshape) - 2)}[kind]
-        if tuple(m.shape) != want:
-            acc.problems.append(f"{where}: lora_magnitude_vector has shape {list(m.shape)}, expected {list(want)}")
-            return
-        if spec.weight != 1.0:
-            acc.problems.append(f"{where}: a DoRA adapter cannot be weighted (weight {spec.weight:g}): DoRA rescales "
-                                "whole weight rows, so a weighted sum has no defined meaning")
-            return
-    elif mag is not None:
-        acc.problems.append(f"{where}: file has {mag.key!r} (DoRA) but use_dora is false in the config")
-        return
-    double = kind == "embedding" or (kind == "linear" and is_converted_router(module, _text_cfg(acc.base,
-                                                                                                "model_type")))
-    acc.add(LoraPatch(module=module, target=name, kind=kind, adapter=idx, a_key=ka.key, b_key=kb.key, rank=r,
-                      alpha=alpha, scale=scale, weight=spec.weight, double_round=double,
-                      magnitude_key=mag.key if (mag and st.use_dora) else None), via)
-    if "B_bias" in roles:
-        bias_key = roles["B_bias"]
-        binfo, _ = acc.resolve(module + ".bias", where)
-        bb = spec.by_key[bias_key.key]
-        if binfo is None:
-            acc.problems.append(f"{where}: lora_bias needs a base bias {module + '.bias'!r}, but the base has none "
-                                "(PEFT raises here too)")
-        elif binfo.shape != bb.shape or binfo.dtype not in FLOAT_DTYPES:
-            acc.problems.append(f"{where}: lora_B bias {list(bb.shape)} does not fit {binfo.name!r} "
-                                f"{list(binfo.shape)} {binfo.dtype}")
-        else:
-            acc.add(LoraPatch(module=module, target=binfo.name, kind="bias", adapter=idx, a_key=None,
-                              b_key=bias_key.key, rank=r, alpha=alpha, scale=scale, weight=spec.weight), via)
-
-
-def _plan_param(acc: _Acc, idx: int, spec: AdapterSpec, module: str, by_depth: dict[int, dict[str, ParsedKey]],
-                ranks, alphas) -> None:
-    """LoRA on raw parameters (target_parameters): fused MoE experts, on disk fused or one expert at a time."""
-    st = spec.settings
-    where = f"adapter {idx} module {module!r}"
-    params = targeted_params(module, st.target_parameters)
-    if len(params) < len(by_depth):
-        acc.problems.append(f"{where}: {len(by_depth)} nested LoRA pairs but target_parameters selects "
-                            f"{params or 'no parameter'} of this module")
-        return
-    taken: set[str] = set()
-    for depth in sorted(by_depth):
-        roles = by_depth[depth]
-        if "A" not in roles or "B" not in roles:
-            have = next(iter(roles.values())).key
-            acc.problems.append(f"{where}: has {have!r} but its lora_{'B' if 'A' in roles else 'A'} pair is missing")
-            continue
-        if "magnitude" in roles or "B_bias" in roles:
-            acc.problems.append(f"{where}: DoRA and lora_bias are not defined for target_parameters (PEFT refuses)")
-            continue
-        a, b = spec.by_key[roles["A"].key], spec.by_key[roles["B"].key]
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-            acc.problems.append(f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are not a LoRA pair")
-            continue
-        # PEFT nests the last registered parameter outermost (depth 0); shapes confirm or correct the guess.
-        order = [params[len(params) - 1 - depth]] + [p for p in params if p != params[len(params) - 1 - depth]]
-        found = None
-        for pname in order:
-            if pname in taken:
-                continue
-            layout = _param_layout(acc, module, pname, a.shape[1], b.shape[0])
-            if layout is not None and a.shape[0] % layout[0] == 0:
-                found = (pname, layout)
-                break
-        if found is None:
-            acc.problems.append(f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} fit none of the base "
-                                f"tensors for parameters {params} (looked for fused and per-expert layouts)")
-            continue
-        pname, (experts, targets) = found
-        taken.add(pname)
-        got = _scale(st, ranks, alphas, f"{module}.{pname}", a.shape[0] // experts, where, acc)
-        if got is None:
-            continue
-        r, alpha, scale = got
-        for info, expert, offset in targets:
-            if info.dtype not in FLOAT_DTYPES:
-                acc.problems.append(f"{where}: base tensor {info.name!r} is {info.dtype}; cannot merge")
-                break
-            acc.add(LoraPatch(module=f"{module}.{pname}", target=info.name, kind="param", adapter=idx,
-                              a_key=roles["A"].key, b_key=roles["B"].key, rank=r, alpha=alpha, scale=scale,
-                              weight=spec.weight, double_round=True, experts=experts, expert=expert,
-                              row_offset=offset), "fused" if expert is None else "per-expert")
-
-
-def _param_layout(acc: _Acc, module: str, pname: str, n_in: int, n_out: int
-                  ) -> tuple[int, list[tuple[TensorInfo, int | None, int]]] | None:
-    """(expert count, [(tensor, expert or None, row offset)]) for parameter `pname` of `module` whose delta is
-    (E, n_out, n_in), or None when the base has no matching tensors."""
-    fused, _ = acc.resolve(f"{module}.{pname}", module)
-    if fused is not None:
-        if len(fused.shape) == 3 and fused.shape[1:] == (n_out, n_in):
-            return fused.shape[0], [(fused, None, 0)]
-        if len(fused.shape) == 2 and fused.shape == (n_out, n_in):
-            return 1, [(fused, 0, 0)]
-        return None
-    for parts in PER_EXPERT_PARTS.get(pname, ()):
-        targets: list[tuple[TensorInfo, int | None, int]] = []
-        e = 0
-        while True:
-            infos = [acc.resolver.resolve(f"{module}.{e}.{part}.weight")[0] for part in parts]
-            if any(i is None for i in infos):
-                break
-            offset = 0
-            for name in infos:
-                info = acc.base.tensors[name]  # type: ignore[index]
-                if len(info.shape) != 2 or info.shape[1] != n_in:
-                    return None
-                targets.append((info, e, offset))
-                offset += info.shape[0]
-            if offset != n_out:
-                return None
-            e += 1
-        if targets:
-            return e, targets
-    return None
-
-
-def _group_keys(acc: _Acc, idx: int, spec: AdapterSpec):
-    groups: dict[tuple[str, int], dict[str, ParsedKey]] = {}
+def _group_keys(state: PlanState, idx: int, spec: AdapterSpec
+                ) -> tuple[RoleGroups, list[ParsedKey], list[ParsedKey]]:
+    """Decode every key of one adapter: (LoRA roles by (module, depth), replacements, wrapper originals)."""
+    groups: RoleGroups = {}
     replace: list[ParsedKey] = []
     originals: list[ParsedKey] = []
-    names: set[str] = set()
+    adapter_names: set[str] = set()
     for t in spec.tensors:
         pk = parse_key(t.key)
         if isinstance(pk, str):
-            acc.problems.append(f"adapter {idx} key {t.key!r}: {pk}")
+            state.problems.append(f"adapter {idx} key {t.key!r}: {pk}")
             continue
         if pk.adapter_name:
-            names.add(pk.adapter_name)
+            adapter_names.add(pk.adapter_name)
         if pk.role == "replace":
             replace.append(pk)
         elif pk.role == "original":
             originals.append(pk)
         elif pk.role == "tokens":
-            acc.problems.append(f"adapter {idx} key {t.key!r}: trainable tokens are not supported yet")
+            state.problems.append(f"adapter {idx} key {t.key!r}: trainable tokens are not supported yet")
         else:
             slot = groups.setdefault((pk.module, pk.depth), {})
             if pk.role in slot:
-                acc.problems.append(f"adapter {idx}: two keys for {pk.module} {pk.role}: {slot[pk.role].key!r} "
-                                    f"and {t.key!r}")
+                state.problems.append(f"adapter {idx}: two keys for {pk.module} {pk.role}: {slot[pk.role].key!r} "
+                                      f"and {t.key!r}")
             slot[pk.role] = pk
-    if len(names) > 1:
-        acc.problems.append(f"adapter {idx} holds weights of several adapters ({', '.join(sorted(names))}); "
-                            "save each adapter in its own folder")
+    if len(adapter_names) > 1:
+        state.problems.append(f"adapter {idx} holds weights of several adapters ({', '.join(sorted(adapter_names))}); "
+                              "save each adapter in its own folder")
     replace.sort(key=lambda k: ".modules_to_save." in k.key)  # plain keys first
     return groups, replace, originals
 
 
-def _plan_adapter(acc: _Acc, idx: int, spec: AdapterSpec, vocab: int | None) -> None:
-    st = spec.settings
-    groups, replace, originals = _group_keys(acc, idx, spec)
-    _plan_replacements(acc, idx, spec, replace, vocab)
+def _check_originals(state: PlanState, idx: int, originals: Sequence[ParsedKey]) -> None:
+    """A wrapper's untrained original is never merged, but it must come with the trained copy it stands for."""
     for pk in originals:
-        target, _, _ = acc.resolver.resolve(pk.replace_target)
-        rep = acc.replacements.get(target or tied_alias(acc, pk.replace_target) or "")
+        target, _, _ = state.resolver.resolve(pk.replace_target)
+        rep = state.replacements.get(target or tied_alias(state, pk.replace_target) or "")
         if rep is None or rep.adapter != idx:
-            acc.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original module but "
-                                "the file has no trained copy of it to merge")
+            state.problems.append(f"adapter {idx} key {pk.key!r} holds a modules_to_save wrapper's original module "
+                                  "but the file has no trained copy of it to merge")
+
+
+def _module_pair_problem(spec: AdapterSpec, roles: dict[str, ParsedKey]) -> str | None:
+    """Both halves of the LoRA pair are there, and lora_bias only where the config enables it."""
+    emb = "emb_A" in roles or "emb_B" in roles
+    a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")
+    if (a_role in roles) != (b_role in roles) or a_role not in roles:
+        have = next(iter(roles.values())).key
+        miss = (b_role if a_role in roles else a_role)[-1]
+        return f"has {have!r} but its pair {'lora_embedding_' if emb else 'lora_'}{miss} is missing"
+    if "B_bias" in roles and not spec.settings.lora_bias:
+        return f"file has {roles['B_bias'].key!r} but lora_bias is false in the config"
+    return None
+
+
+def _plan_adapter(state: PlanState, idx: int, spec: AdapterSpec, vocab: int | None) -> None:
+    """Everything one adapter changes; nested (target_parameters) LoRA pairs are planned last, per module."""
+    settings = spec.settings
+    groups, replace, originals = _group_keys(state, idx, spec)
+    _plan_replacements(state, idx, spec, replace, vocab)
+    _check_originals(state, idx, originals)
     try:
-        ranks = compile_patterns(st.rank_pattern, "rank_pattern")
-        alphas = compile_patterns(st.alpha_pattern, "alpha_pattern")
-        selection = ModuleSelection.from_config(st.target_modules, st.exclude_modules, st.layers_to_transform,
-                                                st.layers_pattern)
+        ranks = compile_patterns(settings.rank_pattern, "rank_pattern")
+        alphas = compile_patterns(settings.alpha_pattern, "alpha_pattern")
+        selection = ModuleSelection.from_config(settings.target_modules, settings.exclude_modules,
+                                                settings.layers_to_transform, settings.layers_pattern)
     except ValueError as exc:
-        acc.problems.append(f"adapter {idx}: {exc}")
+        state.problems.append(f"adapter {idx}: {exc}")
         return
     nested: dict[str, dict[int, dict[str, ParsedKey]]] = {}
     for (module, depth), roles in sorted(groups.items()):
-        if st.target_parameters and (depth > 0 or targeted_params(module, st.target_parameters)) \
-                and acc.resolver.resolve(module + ".weight")[0] is None:
+        if settings.target_parameters and (depth > 0 or targeted_params(module, settings.target_parameters)) \
+                and state.resolver.resolve(module + ".weight")[0] is None:
             nested.setdefault(module, {})[depth] = roles
-            continue
-        where = f"adapter {idx} module {module!r}"
-        if depth:
-            acc.problems.append(f"{where}: nested base_layer LoRA keys but target_parameters does not select it")
-            continue
-        emb = "emb_A" in roles or "emb_B" in roles
-        a_role, b_role = ("emb_A", "emb_B") if emb else ("A", "B")
-        if (a_role in roles) != (b_role in roles) or a_role not in roles:
-            have = next(iter(roles.values())).key
-            miss = (b_role if a_role in roles else a_role)[-1]
-            acc.problems.append(f"{where}: has {have!r} but its pair {'lora_embedding_' if emb else 'lora_'}{miss} "
-                                "is missing")
-            continue
-        if "B_bias" in roles and not st.lora_bias:
-            acc.problems.append(f"{where}: file has {roles['B_bias'].key!r} but lora_bias is false in the config")
-            continue
-        info, via = acc.resolve(module + ".weight", where)
-        if info is None:
-            if via == "ambiguous":
-                continue
-            if tied_alias(acc, module + ".weight") is not None:
-                acc.head_modules.append((idx, module, roles))  # LoRA on a tied member absent from disk
-            else:
-                acc.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); is this "
-                                    "adapter for another model? else add a key_map rule")
-            continue
-        _plan_module(acc, idx, spec, module, roles, info, via, ranks, alphas)
-        if isinstance(st.target_modules, (str, list)) and "weight" not in targeted_params(
-                module, st.target_parameters) and selection.selects(module) is False:
-            (acc.problems if acc.options.strict else acc.warnings).append(
-                f"{where}: the file has LoRA weights for this module but target_modules/layers_to_transform do not "
-                "select it (PEFT would ignore them; stream-merge applies them)")
+        else:
+            _plan_one_module(state, idx, spec, module, depth, roles, ranks, alphas, selection)
     for module, by_depth in nested.items():
-        _plan_param(acc, idx, spec, module, by_depth, ranks, alphas)
+        plan_param(state, idx, spec, module, by_depth, ranks, alphas)
 
 
-QUANT_ADVICE = ("merge into the original 16-bit checkpoint instead (a QLoRA adapter was trained on the "
-                "dequantized weights and merges into the bf16 base)")
-
-
-def _quantization(acc: _Acc) -> None:
-    """fp8 block-scaled bases are supported; every other quantization method is refused by name."""
-    qc = _text_cfg(acc.base, "quantization_config")
-    if qc is None:
-        if acc.options.dequantize:
-            acc.problems.append("--dequantize: the base has no quantization_config (it is not an fp8 checkpoint)")
+def _plan_one_module(state: PlanState, idx: int, spec: AdapterSpec, module: str, depth: int,
+                     roles: dict[str, ParsedKey], ranks, alphas, selection: ModuleSelection) -> None:
+    """A LoRA module (not a target_parameters one): its base tensor, the plan, and PEFT's selection check."""
+    settings = spec.settings
+    where = f"adapter {idx} module {module!r}"
+    problem = ("nested base_layer LoRA keys but target_parameters does not select it" if depth
+               else _module_pair_problem(spec, roles))
+    if problem:
+        state.problems.append(f"{where}: {problem}")
         return
-    if not isinstance(qc, dict):
-        acc.problems.append("config.json quantization_config is not an object")
+    info, via = state.resolve(module + ".weight", where)
+    if info is None:
+        if via == "ambiguous":
+            return
+        if tied_alias(state, module + ".weight") is not None:
+            state.head_modules.append((idx, module, roles))  # LoRA on a tied member absent from disk
+        else:
+            state.problems.append(f"{where}: matched no base tensor (looked for {module + '.weight'!r}); is this "
+                                  "adapter for another model? else add a key_map rule")
         return
-    method = str(qc.get("quant_method", "unknown"))
-    block = qc.get("weight_block_size")
-    if method == "fp8" and isinstance(block, list) and len(block) == 2 and all(
-            isinstance(b, int) and b > 0 for b in block) and qc.get("fmt", "e4m3") == "e4m3":
-        acc.fp8_block = (block[0], block[1])
-        return
-    what = {"bitsandbytes": "bitsandbytes 4/8-bit", "fp8": "fp8 without block scales (weight_block_size)"}.get(
-        method, method)
-    acc.problems.append(f"the base is quantized ({what}); stream-merge merges into 16-bit checkpoints and fp8 "
-                        f"block-scaled ones only: {QUANT_ADVICE}")
+    plan_module(state, idx, spec, module, roles, info, via, ranks, alphas)
+    if isinstance(settings.target_modules, (str, list)) and "weight" not in targeted_params(
+            module, settings.target_parameters) and selection.selects(module) is False:
+        (state.problems if state.options.strict else state.warnings).append(
+            f"{where}: the file has LoRA weights for this module but target_modules/layers_to_transform do not "
+            "select it (PEFT would ignore them; stream-merge applies them)")
 
 
-def _out_dtype(tp: TensorPlan, dtype: str) -> TensorPlan:
-    """--dtype: floating tensors (and dequantized fp8 weights) are written in `dtype`; integer and fp8 ones
-    keep theirs. The merge still rounds to the base dtype first, then converts (what PEFT's merge followed by
-    `model.to(dtype)` gives)."""
-    if dtype == "auto" or tp.dtype not in FLOAT_DTYPES or (tp.quant is not None and tp.quant.mode != "dequant"):
-        return tp
-    return dataclasses.replace(tp, dtype=OUT_DTYPES[dtype][0])
-
-
-def _partner_file(acc: _Acc, header, partner: TensorInfo) -> str | None:
-    """The shard of an fp8 pair's other tensor when it is not this one."""
-    other = acc.base.weight_map.get(partner.name, header.file)
-    return None if other == header.file else other
-
-
-def _shard_tensors(acc: _Acc, header, added: Sequence[TensorPlan]) -> list[TensorPlan]:
-    base, block = acc.base, acc.fp8_block
-    tps = []
+def _shard_tensors(state: PlanState, header: ShardHeader, added: Sequence[TensorPlan]) -> list[TensorPlan]:
+    """The output tensors of one shard, in the input's order, then the untied members whose source it holds."""
+    tensor_plans = []
     for t in header.tensors:
-        rep = acc.replacements.get(t.name)
-        patches = tuple(acc.patches.get(t.name, ()))
-        tp = TensorPlan(name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep,
-                        patches=patches)
-        fp8_scale = False  # an fp8 weight's block scales keep F32 under --dtype
-        if block is not None:
-            scale = base.tensors.get(t.name + "_scale_inv") if t.dtype in FP8_DTYPES else None
-            weight = base.tensors.get(t.name[: -len("_scale_inv")]) if t.name.endswith("_scale_inv") else None
-            if weight is not None and weight.dtype not in FP8_DTYPES:
-                weight = None
-            fp8_scale = weight is not None
-            if scale is not None and acc.options.dequantize:
-                tp = TensorPlan(name=t.name, dtype="BF16", shape=t.shape, source=t, patches=patches,
-                                quant=QuantSpec("dequant", "weight", scale, block, _partner_file(acc, header, scale)))
-            elif scale is not None and patches:
-                tp = TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=t, patches=patches,
-                                quant=QuantSpec("requant", "weight", scale, block, _partner_file(acc, header, scale)))
-            elif weight is not None and acc.options.dequantize:
-                continue  # the scales of a dequantized weight are dropped
-            elif weight is not None and acc.patches.get(weight.name):
-                tp = TensorPlan(name=t.name, dtype=t.dtype, shape=t.shape, source=t,
-                                patches=tuple(acc.patches[weight.name]),
-                                quant=QuantSpec("requant", "scale", weight, block, _partner_file(acc, header, weight)))
-        tps.append(tp if fp8_scale else _out_dtype(tp, acc.options.dtype))
-    # untied members: after their source
-    tps.extend(_out_dtype(tp, acc.options.dtype) for tp in added if tp.source.name in header.by_name)
-    return tps
+        rep = state.replacements.get(t.name)
+        patches = tuple(state.patches.get(t.name, ()))
+        quantized = fp8_tensor_plan(state, header.file, t, patches)
+        if quantized == DROP:
+            continue  # the scales of a dequantized weight are dropped
+        tensor_plan = quantized if isinstance(quantized, TensorPlan) else TensorPlan(
+            name=t.name, dtype=t.dtype, shape=rep.shape if rep else t.shape, source=t, replace=rep, patches=patches)
+        tensor_plans.append(tensor_plan if is_fp8_scale(state, t) else out_dtype(tensor_plan, state.options.dtype))
+    tensor_plans.extend(out_dtype(p, state.options.dtype) for p in added if p.source.name in header.by_name)
+    return tensor_plans
 
 
-def _dtype_updates(acc: _Acc) -> None:
-    """--dtype: config.json's dtype fields follow; the plan names the tensors that keep their dtype."""
-    name = OUT_DTYPES[acc.options.dtype][1]
-    acc.config_updates["dtype"] = name
-    if acc.base.config is not None and "torch_dtype" in acc.base.config:
-        acc.config_updates["torch_dtype"] = name
-    requant = acc.fp8_block is not None and not acc.options.dequantize
-    kept = sorted(t.name for t in acc.base.tensors.values() if t.dtype not in FLOAT_DTYPES
-                  and (requant or t.dtype not in FP8_DTYPES))
-    if kept:
-        acc.warnings.append(f"--dtype {acc.options.dtype}: {len(kept)} integer/fp8 tensor(s)"
-                            f"{' and their block scales' if requant else ''} keep their dtype "
-                            f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})")
+def _check_resized_vocab(state: PlanState, vocab: int | None) -> None:
+    """A resized vocabulary must resize every vocabulary-row tensor (embedding and head) the same way."""
+    if "vocab_size" not in state.config_updates or vocab is None:
+        return
+    new = state.config_updates["vocab_size"]
+    for name, info in state.base.tensors.items():
+        if len(info.shape) == 2 and info.shape[0] == vocab and name not in state.replacements and (
+                vocab_row_tensor(state.base, info) or _is_head(name)):
+            state.problems.append(f"the adapter resizes the vocabulary to {new} but {name!r} keeps {vocab} rows")
+
+
+def _plan_all(state: PlanState, adapters: Sequence[AdapterSpec], vocab: int | None) -> list[TensorPlan]:
+    """Every adapter, then the tie policy; returns the tensors untying adds. A config regex that backtracks
+    for ever stops planning with a problem naming its key."""
+    where = ""
+    try:
+        for idx, spec in enumerate(adapters):
+            where = f"adapter {idx} ({spec.config_file})"
+            _plan_adapter(state, idx, spec, vocab)
+        where = "tied head"
+        return _tie_policy(state, adapters, plan_module)
+    except PatternTimeout as exc:
+        state.problems.append(f"{where}: {exc}")
+        return []
 
 
 def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOptions = PlanOptions()) -> MergePlan:
     """Map every adapter tensor to the base tensor it changes; collect every problem."""
-    acc = _Acc(base=base, resolver=TargetResolver(base.tensors.keys(), options.key_map), options=options)
-    _quantization(acc)
+    resolver = TargetResolver(base.tensors.keys(), options.key_map, load_renames=lambda: load_renames(base.config))
+    state = PlanState(base=base, resolver=resolver, options=options)
+    read_quantization(state)
     vocab = _vocab_size(base)
     if len(adapters) > 1 and any(a.settings.use_dora for a in adapters):
-        acc.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole weight "
-                            "rows, so the result would depend on the order; merge them one after another instead")
-    added, where = [], ""
-    try:  # a config regex that backtracks for ever stops the plan with a problem naming its key
-        for idx, spec in enumerate(adapters):
-            where = f"adapter {idx} ({spec.config_file})"
-            _plan_adapter(acc, idx, spec, vocab)
-        where = "tied head"
-        added = _tie_policy(acc, adapters, _plan_module)
-    except PatternTimeout as exc:
-        acc.problems.append(f"{where}: {exc}")
-    if "vocab_size" in acc.config_updates and vocab is not None:
-        new = acc.config_updates["vocab_size"]
-        for name, info in base.tensors.items():
-            if len(info.shape) == 2 and info.shape[0] == vocab and name not in acc.replacements and (
-                    vocab_row_tensor(base, info) or _is_head(name)):
-                acc.problems.append(f"the adapter resizes the vocabulary to {new} but {name!r} keeps {vocab} rows")
-    if acc.fp8_block is not None and options.dequantize:
-        acc.config_updates["quantization_config"] = None  # removed from config.json
+        state.problems.append("a DoRA adapter cannot be combined with other adapters: DoRA renormalises whole "
+                              "weight rows, so the result would depend on the order; merge them one after another "
+                              "instead")
+    added = _plan_all(state, adapters, vocab)
+    _check_resized_vocab(state, vocab)
+    if state.fp8_block is not None and options.dequantize:
+        state.config_updates["quantization_config"] = None  # removed from config.json
     if options.dtype != "auto":
-        _dtype_updates(acc)
+        dtype_updates(state)
     shards = []
     for h in base.shards:
-        tps = _shard_tensors(acc, h, added)
-        shards.append(ShardPlan(file=h.file, tensors=tuple(tps), in_bytes=h.size,
-                                header_unchanged=len(tps) == len(h.tensors) and all(
-                                    (tp.name, tp.shape, tp.dtype) == (tp.source.name, tp.source.shape, tp.source.dtype)
-                                    for tp in tps)))
-    return MergePlan(base=base, adapters=tuple(adapters), shards=tuple(shards), mapping=tuple(acc.mapping),
-                     config_updates=dict(acc.config_updates), warnings=tuple(acc.warnings),
-                     problems=tuple(acc.problems))
+        tensor_plans = _shard_tensors(state, h, added)
+        shards.append(ShardPlan(file=h.file, tensors=tuple(tensor_plans), in_bytes=h.size,
+                                header_unchanged=len(tensor_plans) == len(h.tensors) and all(
+                                    (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
+                                    for p in tensor_plans)))
+    return MergePlan(base=base, adapters=tuple(adapters), shards=tuple(shards), mapping=tuple(state.mapping),
+                     config_updates=dict(state.config_updates), warnings=tuple(state.warnings),
+                     problems=tuple(state.problems))

@@ -85,7 +85,7 @@ def factor_delta(p: LoraPatch, a: torch.Tensor | None, b: torch.Tensor, shape: t
     if p.kind == "param":
         assert a is not None
         if p.expert is None:
-            return param_delta_flat_rows(a, b, p.scale, p.experts, shape[1], r0, r1)
+            return param_delta_flat_rows(a, b, p.scale, p.experts, shape[1], r0, r1, p.transposed)
         return param_delta_rows(a, b, p.scale, p.experts, p.expert, p.row_offset, r0, r1)
     return delta_rows(p.kind, a, b, p.scale, r0, r1)
 

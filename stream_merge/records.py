@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-# safetensors dtype code -> bytes per element
-DTYPE_SIZES: Mapping[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+# Every dtype of the safetensors format (its Rust `Dtype` enum, safetensors 0.7) -> bits per element. A tensor
+# that is only copied needs nothing more than its byte length; sub-byte dtypes (F4, F6_*) pack elements, and
+# the format requires the packed bits to fill whole bytes.
+DTYPE_BITS: Mapping[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
+# bytes per element of the whole-byte dtypes (the ones a tensor can be read row by row in)
+DTYPE_SIZES: Mapping[str, int] = {k: bits // 8 for k, bits in DTYPE_BITS.items() if bits % 8 == 0}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 FP8_DTYPES = frozenset({"F8_E4M3"})
 
@@ -30,6 +34,14 @@ def numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int | None:
+    """Bytes of a tensor's data, or None when the dtype is unknown or its packed bits do not fill whole bytes."""
+    bits = DTYPE_BITS.get(dtype)
+    if bits is None or numel(shape) * bits % 8:
+        return None
+    return numel(shape) * bits // 8
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,8 @@ class LoraPatch:
     "conv" (ConvNd, W is (out,in,*k)), "bias" (lora_bias: b += lora_B.bias * scale) or "param" (LoRA on a
     raw parameter, `target_parameters`: A is (r·E, in), B is (out, r·E); the target is the whole (E,out,in)
     tensor, or expert `expert`'s rows starting at `row_offset` of the fused delta when experts are stored one
-    by one on disk). `magnitude_key` makes it a DoRA patch.
+    by one on disk; `transposed`: the fused target is stored (E, in, out), GPT-OSS style, and each expert's
+    delta is (B_e @ A_e)ᵀ). `magnitude_key` makes it a DoRA patch.
     """
 
     module: str
@@ -159,6 +172,7 @@ class LoraPatch:
     experts: int = 0
     expert: int | None = None
     row_offset: int = 0
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,7 +226,9 @@ class TensorPlan:
 
     @property
     def out_nbytes(self) -> int:
-        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+        n = tensor_nbytes(self.dtype, self.shape)
+        assert n is not None, (self.name, self.dtype, self.shape)  # headers are validated when parsed
+        return n
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .adapter import load_adapter
-from .checkpoint import INDEX_NAME, load_json
+from .checkpoint import INDEX_NAME, load_model_config
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError
@@ -145,7 +145,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     findings: list[str] = []
     for src, spec in zip(adapter_srcs, specs):
         model_cfg_path = Path(spec.path) / "config.json"
-        model_cfg = load_json(model_cfg_path, "adapter's config.json") if model_cfg_path.exists() else None
+        model_cfg = load_model_config(model_cfg_path, "adapter's config.json") if model_cfg_path.exists() else None
         base_name = cfg.base.split("@", 1)[0] if base_src.kind == "hub" else cfg.base  # the id, not the revision
         findings += compatibility_findings(base_name, base.config, src.spec, spec.raw_config, model_cfg)
     if plan.problems:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointFormatError
-from .records import DTYPE_SIZES, ShardHeader, TensorInfo, numel
+from .records import DTYPE_BITS, DTYPE_SIZES, ShardHeader, TensorInfo, numel, tensor_nbytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
@@ -106,14 +106,14 @@ def _parse(head: bytes, n: int, file_size: int, label: str) -> ShardHeader:
         if not isinstance(entry, dict):
             raise _bad(label, "header entry is not an object", name)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if dtype not in DTYPE_BITS:
             raise _bad(label, f"unknown dtype {dtype!r}", name)
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise _bad(label, f"bad shape {shape!r}", name)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise _bad(label, f"bad data_offsets {offsets!r}", name)
-        if offsets[1] - offsets[0] != numel(tuple(shape)) * DTYPE_SIZES[dtype]:
+        if offsets[1] - offsets[0] != tensor_nbytes(dtype, tuple(shape)):
             raise _bad(label, f"data_offsets {offsets} do not fit shape {shape} of {dtype}", name)
         tensors.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
     data_len = file_size - 8 - n

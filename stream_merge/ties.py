@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .keymap import TargetResolver, compile_patterns
+from .model_config import config_value
 from .records import AdapterSpec, BaseIndex, Replacement, TensorInfo, TensorPlan
 from .tie_table import ARCH_TIED_KEYS, HEADLESS_SUFFIXES, LM_SUFFIXES, UNTIE_REFUSED
 
@@ -37,11 +38,7 @@ class TieGroup:
 
 
 def _text_cfg(base: BaseIndex, key: str) -> object:
-    cfg = base.config or {}
-    if key in cfg:
-        return cfg[key]
-    sub = cfg.get("text_config")
-    return sub.get(key) if isinstance(sub, Mapping) else None
+    return config_value(base.config, key)
 
 
 def _vocab_size(base: BaseIndex) -> int | None:

@@ -85,3 +85,10 @@ def test_regular_file_passes_files_and_links_to_files(tmp_path: Path) -> None:
     assert regular_file(tmp_path / "link", "f") == tmp_path / "link"
     with pytest.raises(InputError, match="not found"):
         regular_file(tmp_path / "missing", "shard x")
+
+
+def test_an_adapters_config_json_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    base, adapter = make_pair(tmp_path)
+    (adapter / "config.json").write_text("[1]")
+    r = run_cli("plan", base, adapter)
+    assert r.returncode == 2 and "adapter's config.json is not a JSON object" in r.stderr, r.stderr

@@ -208,9 +208,8 @@ class World:
     kills: list[str] = field(default_factory=list)  # one entry per SIGKILL that hit a running merge
 
     def args(self, out: Path, *extra: object, adapter: Path | None = None) -> list[str]:
-        # --quiet: no progress lines, so that a failing run's stderr is its one error line
         return ["merge", str(self.base), str(adapter or self.adapter), "-o", str(out), "--block-size-mb", "1",
-                "--device", "cpu", "--quiet", *map(str, extra)]
+                "--device", "cpu", *map(str, extra)]
 
     def assert_identical(self, out: Path, allow_lock: bool = False) -> None:
         """OUT is complete: the same files as the reference, byte for byte (no temp files, no lock)."""
@@ -470,7 +469,8 @@ def test_sigkill_real_cli_process_then_resume(world: World) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_exits_130_cleanly_and_resumes(world: World, sig: int) -> None:
     out = world.root / f"interrupt-{sig.name}"
-    proc = subprocess.Popen(cli(*world.args(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --quiet: no progress lines, so that stderr is the one error line
+    proc = subprocess.Popen(cli(*world.args(out, "--quiet")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: journaled(out, 1)() or proc.poll() is not None, what="the first journaled shard")
         proc.send_signal(sig)
@@ -502,8 +502,8 @@ def test_failing_write_exits_2_naming_the_shard_then_resumes(world: World) -> No
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    res = subprocess.run(cli(*world.args(out)), capture_output=True, text=True, timeout=600,
-                         preexec_fn=limit_file_size)
+    res = subprocess.run(cli(*world.args(out, "--quiet")), capture_output=True, text=True, timeout=600,
+                         preexec_fn=limit_file_size)  # --quiet: no progress lines before the one error line
     assert res.returncode == 2, f"rc={res.returncode}\n{res.stderr}"
     assert "Traceback" not in res.stderr, res.stderr
     lines = res.stderr.splitlines()

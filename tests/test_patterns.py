@@ -11,7 +11,7 @@ from conftest import edit_json, run_cli
 from stream_merge.adapter import load_adapter
 from stream_merge.errors import InputError
 from stream_merge.patterns import (BoundedRegex, ModuleSelection, PatternError, PatternTimeout, compile_patterns,
-                                   pattern_value)
+                                   pattern_value, peft_targets)
 
 NAME = "model.layers.1.self_attn.q_proj"
 # Patterns that backtrack exponentially even in the `regex` engine (its fast-fail checks do not apply).
@@ -78,7 +78,9 @@ def test_invalid_patterns_name_their_key(pattern: str, key: str, pair: tuple[Pat
 
 @pytest.mark.parametrize("key,value", [("target_modules", 3), ("target_modules", ["q_proj", 1]),
                                        ("exclude_modules", {"a": 1}), ("layers_pattern", [None]),
-                                       ("layers_to_transform", "0"), ("layers_to_transform", [0, True])])
+                                       ("layers_to_transform", "0"), ("layers_to_transform", [0, True]),
+                                       ("modules_to_save", [1]), ("modules_to_save", {"a": 1}),
+                                       ("target_parameters", "experts.down_proj")])
 def test_selection_fields_of_the_wrong_type_name_their_key(key: str, value: object, pair: tuple[Path, Path]) -> None:
     _, adapter = pair
     edit_json(adapter / "adapter_config.json", **{key: value})
@@ -128,3 +130,27 @@ def test_cli_pattern_that_hangs_re_merges(pair: tuple[Path, Path], tmp_path: Pat
     proc = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--device", "cpu", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+# moved from test_planner.py (assertions unchanged)
+
+def test_peft_pattern_semantics() -> None:
+    pats = compile_patterns({"q_proj": 4, r"layers\.0\.self_attn\.q_proj": 8, "proj": 1, ".*_proj": 2},
+                            "rank_pattern")
+    assert pattern_value(pats, "model.layers.0.self_attn.q_proj", 16) == 4       # first match wins
+    assert pattern_value(pats, "model.layers.0.self_attn.k_proj", 16) == 2       # "proj" needs a '.' before it
+    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 2
+    pats = compile_patterns({"p_proj": 4}, "rank_pattern")
+    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 16           # '.' boundary
+    pats = compile_patterns({"model.layers.0.mlp.up_proj": 4}, "rank_pattern")
+    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 4            # full path
+    with pytest.raises(ValueError):
+        compile_patterns({"(": 1}, "rank_pattern")
+
+
+def test_peft_target_selection() -> None:
+    assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"]) is True
+    assert peft_targets("model.layers.1.self_attn.q_proj", ["k_proj"]) is False
+    assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"], layers_to_transform=[0]) is False
+    assert peft_targets("model.layers.1.self_attn.q_proj", r".*\.q_proj") is True
+    assert peft_targets("model.layers.1.self_attn.q_proj", "all-linear") is None

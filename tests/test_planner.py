@@ -12,8 +12,6 @@ from conftest import edit_json, make_pair, rewrite_adapter
 from stream_merge.adapter import load_adapter
 from stream_merge.checkpoint import read_index
 from stream_merge.errors import UnsupportedAdapterError
-from stream_merge.keymap import (TargetResolver, compile_patterns, is_conv1d_module, parse_key, pattern_value,
-                                 peft_targets)
 from stream_merge.planner import PlanOptions, build_plan
 
 P = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -80,43 +78,6 @@ def test_unknown_fields_without_a_value_are_accepted(pair: tuple[Path, Path]) ->
     assert load_adapter(adapter).settings.r == 4
 
 
-def test_key_grammar() -> None:
-    k = parse_key(P + ".lora_A.default.weight")
-    assert not isinstance(k, str) and (k.module, k.role, k.adapter_name) == (P[len("base_model.model."):], "A", "default")
-    k = parse_key("model.embed_tokens.lora_embedding_B")
-    assert not isinstance(k, str) and (k.module, k.role) == ("model.embed_tokens", "emb_B")
-    k = parse_key("base_model.model.model.embed_tokens.base_layer.weight")
-    assert not isinstance(k, str) and (k.role, k.replace_target) == ("replace", "model.embed_tokens.weight")
-    k = parse_key("base_model.model.lm_head.modules_to_save.default.weight")
-    assert not isinstance(k, str) and (k.role, k.replace_target, k.adapter_name) == ("replace", "lm_head.weight", "default")
-    k = parse_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.bias")
-    assert not isinstance(k, str) and k.role == "B_bias"
-    assert isinstance(parse_key("base_model.prompt_encoder.embedding.weight"), str)
-    assert isinstance(parse_key("base_model.model.x.lora_A.weird.extra.weight"), str)
-
-
-def test_peft_pattern_semantics() -> None:
-    pats = compile_patterns({"q_proj": 4, r"layers\.0\.self_attn\.q_proj": 8, "proj": 1, ".*_proj": 2},
-                            "rank_pattern")
-    assert pattern_value(pats, "model.layers.0.self_attn.q_proj", 16) == 4       # first match wins
-    assert pattern_value(pats, "model.layers.0.self_attn.k_proj", 16) == 2       # "proj" needs a '.' before it
-    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 2
-    pats = compile_patterns({"p_proj": 4}, "rank_pattern")
-    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 16           # '.' boundary
-    pats = compile_patterns({"model.layers.0.mlp.up_proj": 4}, "rank_pattern")
-    assert pattern_value(pats, "model.layers.0.mlp.up_proj", 16) == 4            # full path
-    with pytest.raises(ValueError):
-        compile_patterns({"(": 1}, "rank_pattern")
-
-
-def test_peft_target_selection() -> None:
-    assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"]) is True
-    assert peft_targets("model.layers.1.self_attn.q_proj", ["k_proj"]) is False
-    assert peft_targets("model.layers.1.self_attn.q_proj", ["q_proj"], layers_to_transform=[0]) is False
-    assert peft_targets("model.layers.1.self_attn.q_proj", r".*\.q_proj") is True
-    assert peft_targets("model.layers.1.self_attn.q_proj", "all-linear") is None
-
-
 def test_unselected_modules_warn_and_strict_refuses(pair: tuple[Path, Path]) -> None:
     """Weights for modules that target_modules does not select are applied with a warning (an error with
     --strict); a module that target_parameters selects (PEFT's converted MoE router `gate.weight`) is selected."""
@@ -136,26 +97,6 @@ def test_unselected_modules_warn_and_strict_refuses(pair: tuple[Path, Path]) -> 
     edit_json(adapter / "adapter_config.json", target_parameters=["gate_proj.bias", "up_proj.weight"])
     plan = _plan(base, adapter)
     assert {w.split("'")[1].rsplit(".", 1)[-1] for w in plan.warnings} == {"gate_proj", "down_proj"}
-
-
-def test_conv1d_decision_for_square_weights() -> None:
-    assert is_conv1d_module("transformer.h.0.attn.c_proj", "gpt2", False) is True
-    assert is_conv1d_module("model.layers.0.self_attn.o_proj", "llama", True) is False
-    assert is_conv1d_module("x.c_proj", None, True) is True
-
-
-def test_layout_renames_and_ambiguity() -> None:
-    names = {"model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight", "lm_head.weight"}
-    r = TargetResolver(names)
-    assert r.resolve("model.language_model.layers.0.self_attn.q_proj.weight")[0] == "model.layers.0.self_attn.q_proj.weight"
-    assert r.resolve("model.visual.blocks.0.attn.qkv.weight")[0] == "visual.blocks.0.attn.qkv.weight"
-    legacy = TargetResolver({"model.language_model.layers.0.mlp.up_proj.weight"})
-    assert legacy.resolve("model.layers.0.mlp.up_proj.weight")[1] == "rename"
-    amb = TargetResolver({"a.x.weight", "b.x.weight"})
-    target, via, cands = amb.resolve("x.weight")
-    assert target is None and via == "ambiguous" and cands == ["a.x.weight", "b.x.weight"]
-    user = TargetResolver({"backbone.q.weight"}, [(r"^model\.", "backbone.")])
-    assert user.resolve("model.q.weight") == ("backbone.q.weight", "key_map '^model\\\\.'", [])
 
 
 def test_tied_embeddings_are_refused(tmp_path: Path) -> None:
