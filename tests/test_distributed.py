@@ -121,3 +121,41 @@ def test_ray_push_to_hub_uploads_every_shard_before_the_index(job, hub, tmp_path
         assert head.files[name].read() == data, name
     assert index not in repo.commits[head.parent].files  # the index came last
     assert all(name in repo.commits[head.parent].files for name in ref if name != index)
+
+
+def test_a_ray_task_computes_on_the_device_kind_the_driver_asked_for(job, tmp_path: Path, monkeypatch) -> None:
+    """Issue 12 item 4: the driver's device kind travels with each task (the task runs in-process here, with
+    the merge replaced by a probe); the task records its shard in OUT's journal itself."""
+    import torch
+
+    from stream_merge import ray_runner, worker
+    from stream_merge.config import build_config
+    from stream_merge.journal import Journal, load_journal
+    from stream_merge.records import ShardResult
+    from stream_merge.runner import plan_merge
+
+    base, adapter, _ = job
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = plan_merge(build_config(base=str(base), adapters=[str(adapter)], dry_run=True))[0]
+    file = plan.shards[0].file
+    seen = []
+
+    def probe(shard, reader, adapters, path, compute, on_bytes, checksum, others):  # type: ignore[no-untyped-def]
+        seen.append(compute.device)
+        path.write_bytes(b"merged")
+        return ShardResult(file=shard.file, size=6, sha256=None, patched=0, copied=0, seconds=0.0)
+
+    class Actor:
+        class add:  # noqa: N801 - mimics a Ray actor method
+            @staticmethod
+            def remote(n: int) -> None:
+                pass
+
+    monkeypatch.setattr(worker, "merge_shard", probe)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for kind in ("cpu", "cuda", "meta"):
+        ray_runner._merge_task(plan, str(base), str(out), file, kind, 1 << 20, True, False, Actor())
+    assert [d.type for d in seen] == ["cpu", "cuda", "meta"]
+    Journal(fingerprint="f", inputs={}, options={}, tool_version="0").save(out)
+    assert load_journal(out).shards[file]["size"] == 6
