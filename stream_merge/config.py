@@ -102,12 +102,9 @@ class MergeConfig:
     ), help="merge only partition I of N (0-based, balanced by bytes) into the shared OUT; the last worker to "
             "finish writes the index (or run `stream-merge finalize OUT`)")
     ray: str | None = opt(None, coerce=o.string, flags=("--ray",), commands=("merge",), base_kind="local",
-                          cli={"nargs": "?", "const": "local", "metavar": "ADDRESS"}, conflicts=(
-        # stop-gap (issue 12 item 1): Ray tasks do not reach the uploader, so the repo would get no shards
-        Conflict("push_to_hub", "--push-to-hub cannot be combined with --ray yet: Ray tasks do not upload shards",
-                 "merge with --ray, then run the merge command again without --ray and with --push-to-hub"),
-    ), help="run one Ray task per shard (a local Ray instance, or the cluster at ADDRESS); needs stream-merge[ray] "
-            "and BASE/OUT on a shared file system")
+                          cli={"nargs": "?", "const": "local", "metavar": "ADDRESS"},
+                          help="run one Ray task per shard (a local Ray instance, or the cluster at ADDRESS); "
+                               "needs stream-merge[ray] and BASE/OUT on a shared file system")
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, MergeInterrupted, StreamMergeError
 from .journal import record_shard
@@ -65,8 +66,59 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str
     return res
 
 
+def _submit(ray: Any, plan: MergePlan, base_dir: Path, out: Path, todo: Sequence[str], compute: Any,
+            checksum: bool, actor: Any) -> dict[Any, str]:
+    """One task per shard, on the kind of device the driver asked for (one GPU per task for CUDA)."""
+    mem = 3 * compute.buffer_bytes + 512 * 1024 * 1024
+    task = ray.remote(_merge_task).options(num_cpus=1, num_gpus=0 if compute.device.type == "cpu" else 1,
+                                           memory=mem, max_retries=3, retry_exceptions=True)
+    plan_ref = ray.put(plan)
+    return {task.remote(plan_ref, str(base_dir), str(out), f, compute.device.type, compute.block_bytes,
+                        compute.check_finite, checksum, actor): f for f in todo}
+
+
+def _progress_actor(ray: Any) -> Any:
+    @ray.remote
+    class Progress:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self, n: int) -> None:
+            self.n += n
+
+        def take(self) -> int:
+            n, self.n = self.n, 0
+            return n
+
+    return Progress.remote()
+
+
+def _collect(ray: Any, pending: dict[Any, str], actor: Any, report: Callable[[int, str], None],
+             on_done: Callable[[ShardResult], None] | None) -> dict[str, ShardResult]:
+    """Wait for the tasks; each result goes to `on_done` in the driver as soon as it is in."""
+    results: dict[str, ShardResult] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        n = ray.get(actor.take.remote())
+        if n:
+            report(n, f"{len(pending)} shards in flight")
+        for ref in ready:
+            file = pending.pop(ref)
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                if isinstance(cause, StreamMergeError):
+                    raise cause from None
+                raise
+            results[file] = res
+            if on_done is not None:
+                on_done(res)
+    return results
+
+
 def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, done: dict[str, ShardResult], todo: Sequence[str],
-                 compute: object, progress: bool | Callable[[int, str], None], address: str | None,
+                 compute: Any, progress: bool | Callable[[int, str], None], address: str | None,
                  checksum: bool = False, on_done: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
     """Merge `todo` as one Ray task each (retried on failure); returns results in plan order. Each task
     publishes and journals its shard; `on_done` runs in the driver as each one finishes (the Hub upload)."""
@@ -74,55 +126,15 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, done: dict[str, Sha
         import ray
     except ImportError:
         raise ConfigError("--ray needs Ray: pip install 'stream-merge[ray]'", key="ray") from None
-    if compute.device.type != "cpu":  # type: ignore[attr-defined]
-        gpus = 1
-    else:
-        gpus = 0
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
     report, bar = progress_callback(plan, set(todo), progress)
     try:
-        @ray.remote
-        class Progress:
-            def __init__(self) -> None:
-                self.n = 0
-
-            def add(self, n: int) -> None:
-                self.n += n
-
-            def take(self) -> int:
-                n, self.n = self.n, 0
-                return n
-
-        actor = Progress.remote()
-        plan_ref = ray.put(plan)
-        block = compute.block_bytes  # type: ignore[attr-defined]
-        mem = 3 * compute.buffer_bytes + 512 * 1024 * 1024  # type: ignore[attr-defined]
-        task = ray.remote(_merge_task).options(num_cpus=1, num_gpus=gpus, memory=mem, max_retries=3,
-                                               retry_exceptions=True)
-        device = compute.device.type  # type: ignore[attr-defined]
-        pending = {task.remote(plan_ref, str(base_dir), str(out), f, device, block,
-                               compute.check_finite, checksum, actor): f for f in todo}  # type: ignore[attr-defined]
-        results: dict[str, ShardResult] = dict(done)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            n = ray.get(actor.take.remote())
-            if n:
-                report(n, f"{len(pending)} shards in flight")
-            for ref in ready:
-                file = pending.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.as_instanceof_cause()
-                    if isinstance(cause, StreamMergeError):
-                        raise cause from None
-                    raise
-                results[file] = res
-                if on_done is not None:
-                    on_done(res)
+        actor = _progress_actor(ray)
+        pending = _submit(ray, plan, base_dir, out, todo, compute, checksum, actor)
+        results = {**done, **_collect(ray, pending, actor, report, on_done)}
         return [results[s.file] for s in plan.shards if s.file in results]
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
@@ -132,4 +144,3 @@ def merge_on_ray(plan: MergePlan, base_dir: Path, out: Path, done: dict[str, Sha
             bar.close()
         if started:
             ray.shutdown()
-

@@ -116,7 +116,6 @@ CONFLICTS = [
     (["--worker", "0/2", "--fresh"], None, ["--fresh", "--worker"]),
     (["--worker", "1/2", "--push-to-hub", "org/merged"], None, ["--push-to-hub", "--worker", "finalize"]),
     (["--worker", "0/2", "--ray"], None, ["--worker", "--ray"]),
-    (["--ray", "--push-to-hub", "org/merged"], None, ["--push-to-hub", "--ray"]),
     (["--private"], None, ["--private", "only applies with --push-to-hub"]),
     (["--no-local-copy"], None, ["--no-local-copy", "only applies with --push-to-hub"]),
     (["--private", "--no-local-copy"], None, ["--private", "--push-to-hub"]),

@@ -95,3 +95,67 @@ def test_ray_local_instance_matches_and_survives_a_failed_task(job, tmp_path: Pa
     assert marker.exists(), "the injected failure did not happen"
     assert _files(out) == ref
     assert run_cli("verify", out).returncode == 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.hub
+def test_ray_push_to_hub_uploads_every_shard_before_the_index(job, hub, tmp_path: Path) -> None:
+    """Issue 12 item 1: each shard a Ray task finishes reaches the uploader; the index arrives last, in a
+    commit after every shard it lists."""
+    pytest.importorskip("ray")
+    from hub_server import hub_env
+
+    base, adapter, ref = job
+    out = tmp_path / "out"
+    env = hub_env(hub, tmp_path / "hf", {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    r = subprocess.run([sys.executable, "-m", "stream_merge", "merge", str(base), str(adapter), "-o", str(out),
+                        "--ray", "--quiet", "--push-to-hub", "org/merged", "--token", "hf_push"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    repo = hub.get_repo("org/merged")
+    head = repo.commits[repo.branches["main"]]
+    index = "model.safetensors.index.json"
+    for name, data in ref.items():
+        assert name in head.files, f"{name} was not pushed"
+        assert head.files[name].read() == data, name
+    assert index not in repo.commits[head.parent].files  # the index came last
+    assert all(name in repo.commits[head.parent].files for name in ref if name != index)
+
+
+def test_a_ray_task_computes_on_the_device_kind_the_driver_asked_for(job, tmp_path: Path, monkeypatch) -> None:
+    """Issue 12 item 4: the driver's device kind travels with each task (the task runs in-process here, with
+    the merge replaced by a probe); the task records its shard in OUT's journal itself."""
+    import torch
+
+    from stream_merge import ray_runner, worker
+    from stream_merge.config import build_config
+    from stream_merge.journal import Journal, load_journal
+    from stream_merge.records import ShardResult
+    from stream_merge.runner import plan_merge
+
+    base, adapter, _ = job
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = plan_merge(build_config(base=str(base), adapters=[str(adapter)], dry_run=True))[0]
+    file = plan.shards[0].file
+    seen = []
+
+    def probe(shard, reader, adapters, path, compute, on_bytes, checksum, others):  # type: ignore[no-untyped-def]
+        seen.append(compute.device)
+        path.write_bytes(b"merged")
+        return ShardResult(file=shard.file, size=6, sha256=None, patched=0, copied=0, seconds=0.0)
+
+    class Actor:
+        class add:  # noqa: N801 - mimics a Ray actor method
+            @staticmethod
+            def remote(n: int) -> None:
+                pass
+
+    monkeypatch.setattr(worker, "merge_shard", probe)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for kind in ("cpu", "cuda", "meta"):
+        ray_runner._merge_task(plan, str(base), str(out), file, kind, 1 << 20, True, False, Actor())
+    assert [d.type for d in seen] == ["cpu", "cuda", "meta"]
+    Journal(fingerprint="f", inputs={}, options={}, tool_version="0").save(out)
+    assert load_journal(out).shards[file]["size"] == 6
