@@ -24,7 +24,7 @@ from .adapter import load_adapter
 from .checkpoint import INDEX_NAME, load_model_config
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
-from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError
+from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError, StreamMergeError
 from .extras import RECORD_NAME
 from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
 from .completion import finalize_output, printable, shipped_files
@@ -280,13 +280,29 @@ def _require_text(out: Path, base_src: Source, adapter_srcs: Sequence[Source]) -
                         fix="rename the folder (or give a symlink with a UTF-8 name)") from None
 
 
+def _resume_device(out: Path) -> torch.device | None:
+    """With `--device auto`, the kind an earlier run of this OUT merged on, where this machine has it: the kind
+    decides the last bits, so a CPU-started merge re-run on a GPU machine resumes on the CPU."""
+    if not out.is_dir():
+        return None
+    try:
+        journal, _ = load_journal_or_record(out)
+    except StreamMergeError:
+        return None  # reported, with its fix, when the journal is read for real
+    kind = journal.options.get("device") if journal is not None else None
+    if kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()):
+        return torch.device(kind)
+    return None
+
+
 def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: list[Source],
            findings: list[str]) -> _MergeRun:
     """Everything a merge decides before it touches OUT (beyond creating it)."""
     out = Path(cfg.output).expanduser()
     _require_text(out, base_src, adapter_srcs)
     _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
-    device = resolve_device(cfg.device)
+    device = _resume_device(out) if cfg.device == "auto" else None
+    device = device or resolve_device(cfg.device)
     if cfg.ray is not None and base_src.kind != "local":
         raise ConfigError("--ray needs BASE on a file system every Ray node can read",
                           key="ray", fix="download the base first, or run without --ray")

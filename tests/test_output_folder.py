@@ -205,6 +205,23 @@ def test_a_merge_started_on_another_device_kind_is_refused(tmp_path: Path) -> No
     _refused(_merge(base, adapter, out, "--worker", "1/2"), "merged on cuda", "--device cuda")
 
 
+def test_device_auto_resumes_on_the_kind_the_merge_started_on(tmp_path: Path, monkeypatch) -> None:
+    """On a GPU machine, `auto` means cuda; a merge started with --device cpu must still resume (and re-run as a
+    no-op) without the user repeating --device cpu."""
+    import torch
+
+    import stream_merge
+
+    base, adapter = make_pair(tmp_path)
+    out = tmp_path / "out"
+    assert _merge(base, adapter, out, "--worker", "0/2", "--device", "cpu", "--quiet").returncode == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    report = stream_merge.merge(base, adapter, out)  # device auto, cuda "available": resumes on the CPU
+    assert not report.pending and (out / "model.safetensors.index.json").exists()
+    assert json.loads((out / "stream_merge.json").read_text())["options"]["device"] == "cpu"
+    stream_merge.merge(base, adapter, out)  # and the complete output is a no-op, not a refusal
+
+
 # ---------------------------------------------------------------------------------------------- locks and owners
 
 
