@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -282,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("merge", "verify", "finalize") and threading.current_thread() is threading.main_thread():
+        from .platform_support import guard_base_files
+
+        guard_base_files()
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         # huggingface_hub's own bars: none in logs (raw carriage returns) and none when asked for quiet
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -7,6 +7,7 @@ reports `ru_maxrss` in bytes where Linux reports KiB.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from .errors import ConfigError
@@ -32,3 +33,13 @@ def peak_rss_bytes() -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def guard_base_files() -> None:
+    """Let shard readers hold a read lease on their base file (Linux), so that another process that truncates
+    or opens it for writing waits until the reader has stopped, and the reader names the file instead of
+    faulting (SIGBUS) on a map of bytes that are gone. The kernel announces such a lease break with SIGIO,
+    whose default action ends the process: only a process that calls this (the CLI, from its main thread)
+    ignores SIGIO and so takes leases; library callers keep the size/identity checks alone."""
+    if fcntl is not None and hasattr(fcntl, "F_SETLEASE") and hasattr(signal, "SIGIO"):
+        signal.signal(signal.SIGIO, signal.SIG_IGN)

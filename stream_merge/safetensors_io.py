@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import struct
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,11 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointFormatError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no leases (and merges are refused there at start)
+    fcntl = None  # type: ignore[assignment]
 from .records import DTYPE_BITS, DTYPE_SIZES, ShardHeader, TensorInfo, numel, tensor_nbytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
@@ -165,6 +171,18 @@ def header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...], int, int]],
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _take_lease(fd: int) -> bool:
+    """A read lease on `fd` where the process is set up for it (see `platform_support.guard_base_files`) and the file system
+    and ownership allow it; False otherwise (then only the per-block checks guard the maps)."""
+    if fcntl is None or not hasattr(fcntl, "F_SETLEASE") or signal.getsignal(signal.SIGIO) != signal.SIG_IGN:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:  # open for writing elsewhere, not our file, or a file system without leases
+        return False
+    return True
+
+
 class ShardReader:
     """Positioned reads from one safetensors file (thread-safe: os.preadv on a shared fd)."""
 
@@ -182,6 +200,7 @@ class ShardReader:
             raise CheckpointFormatError(
                 f"file changed since planning ({header.size} -> {st.st_size} bytes)", file=str(path),
                 fix="do not modify inputs during a merge; re-run")
+        self._leased = _take_lease(self._fd)
 
     def check_unchanged(self) -> None:
         """Raise a clear error if the file was truncated, rewritten or replaced since it was opened. Called
@@ -193,7 +212,10 @@ class ShardReader:
         except OSError as exc:
             what = f"it can no longer be read ({exc.strerror})"
         else:
-            if st.st_size != self.header.size:
+            if self._leased and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+                # the lease is being broken: another process waits to truncate or write this file
+                what = "another process is truncating it or opening it for writing"
+            elif st.st_size != self.header.size:
                 what = f"truncated or extended: {self.header.size} -> {st.st_size} bytes"
             elif (now.st_dev, now.st_ino) != self._identity[:2]:
                 what = "replaced by another file"

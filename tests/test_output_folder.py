@@ -394,3 +394,31 @@ def test_platform_checks_by_monkeypatching(monkeypatch: pytest.MonkeyPatch, tmp_
         assert not f._f.direct
         f.commit()
     assert (tmp_path / "f.bin").read_bytes() == b"y" * 10000
+
+
+@pytest.mark.slow
+def test_a_base_shard_truncated_by_another_process_mid_merge_is_named_never_sigbus(tmp_path: Path) -> None:
+    """Another process truncates the base shard being merged: the merge exits 2 naming it (the CLI holds a read
+    lease, so the truncation waits for the reader), never dies of SIGBUS, and publishes no index."""
+    import time
+
+    from stream_merge.synthetic import LlamaShape
+
+    shape = LlamaShape(hidden=1024, intermediate=2816, layers=4, vocab=256, heads=8, kv_heads=8)
+    base, adapter = make_pair(tmp_path, shape=shape, shard_bytes=1 << 30)
+    shard = next(base.glob("*.safetensors"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "stream_merge", "merge", str(base), str(adapter), "-o", str(out),
+                             "--block-size-mb", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not any(
+            p.name.startswith(TMP_PREFIX) and p.suffix != ".json" for p in (out.iterdir() if out.exists() else [])):
+        time.sleep(0.005)
+    truncate = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(shard)!r}, 4096)"])
+    _, err = proc.communicate(timeout=180)
+    assert truncate.wait(timeout=120) == 0
+    assert proc.returncode in (0, 2), (proc.returncode, err)  # -7 would be SIGBUS
+    if proc.returncode == 2:  # the usual case: the truncation landed mid-merge
+        assert shard.name in err and "changed during the merge" in err and "Traceback" not in err, err
+        assert not (out / "model.safetensors.index.json").exists()

@@ -104,3 +104,47 @@ def test_malformed_files_are_rejected_with_their_name(tmp_path: Path, case: str)
         assert ("zip" if case == "zip" else "pickle") in msg
     if case == "duplicate":
         assert "duplicate" in msg
+
+
+def test_a_leased_reader_holds_off_a_truncation_and_names_the_file(tmp_path: Path) -> None:
+    """With the CLI's lease set-up, another process that truncates a base shard waits until the reader stops:
+    the reader sees the lease break, names the file, and no map ever covers bytes that are gone (SIGBUS)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from stream_merge.errors import CheckpointFormatError
+    from stream_merge.platform_support import guard_base_files
+    from stream_merge.safetensors_io import ShardReader, read_header_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(256, 256)}, str(path))
+    header = read_header_file(path)
+    old = signal.getsignal(signal.SIGIO)
+    guard_base_files()
+    try:
+        reader = ShardReader(path, header)
+        if not reader._leased:
+            reader.close()
+            pytest.skip("this file system grants no leases")
+        child = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(path)!r}, 16)"])
+        try:
+            deadline = time.monotonic() + 30
+            with pytest.raises(CheckpointFormatError, match="another process") as exc:
+                while time.monotonic() < deadline:
+                    reader.check_unchanged()
+                    view = reader.view(0, 4096)  # still the whole file: the truncation is waiting for us
+                    assert bytes(view[:4]) == bytes(torch.ones(1).numpy().tobytes())
+                    del view
+                    time.sleep(0.01)
+            assert exc.value.file == str(path)
+            assert path.stat().st_size == header.size and child.poll() is None
+        finally:
+            reader.close()  # releases the lease: the truncation goes through
+            assert child.wait(timeout=60) == 0
+        assert path.stat().st_size == 16
+    finally:
+        signal.signal(signal.SIGIO, old)
