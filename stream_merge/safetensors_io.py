@@ -3,7 +3,7 @@
 We parse headers ourselves (8-byte little-endian length + JSON) so that planning reads a few KiB per shard
 and every malformed file is caught with a message naming it, before anything is written. Tensor data is
 read with positioned reads into reusable buffers, or through short-lived maps of one block (`view`): a map
-skips the kernel's copy into our buffer (measured 3x faster for read + bf16->fp32 than pread) and is
+skips the kernel's copy into our buffer (faster than pread for read + convert; see the README's Performance) and is
 unmapped as soon as the block is done, so RSS stays at a few blocks whatever the shard size.
 """
 
