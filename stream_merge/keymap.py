@@ -58,7 +58,7 @@ def is_converted_router(module: str, model_type: str | None) -> bool:
 # Model types whose fused experts transformers stores (E, in, out) and marks `is_transposed=True`
 # (`@use_experts_implementation(is_transposed=True)`): PEFT's ParamWrapper then computes the delta as
 # einsum("ore,eri->eio"). Checked against the installed transformers by tests/test_keymap.py.
-TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter", "ergo"})  # transformers 5.25
 
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})

@@ -28,19 +28,19 @@ import os
 import random
 import re
 import resource
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import make_pair
+from zygote import Child, Zygote
 from stream_merge.fileio import owner_tag, temp_name
 from stream_merge.journal import SHARDS_DIR, load_journal
 
@@ -54,118 +54,6 @@ TMP = ".stream-merge-tmp."
 SHAPE = LlamaShape(hidden=384, intermediate=1024, layers=8, vocab=2048, heads=8, kv_heads=4)
 SHARD_BYTES = 4_000_000
 RESUMED = re.compile(r"\((\d+) resumed\)")
-
-ZYGOTE = r"""
-import json, os, runpy, sys
-import torch  # noqa: F401  - the slow import, paid once
-import stream_merge.cli, stream_merge.runner  # noqa: F401
-proto = sys.stdout
-proto.write("ready\n"); proto.flush()
-for line in sys.stdin:
-    req = json.loads(line)
-    if "reap" in req:
-        _, status = os.waitpid(req["reap"], 0)
-        proto.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n"); proto.flush()
-        continue
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
-            os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
-            sys.argv = ["stream_merge", *req["argv"]]
-            try:
-                runpy.run_module("stream_merge", run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush(); sys.stderr.flush()
-            finally:
-                os._exit(code)
-    proto.write(json.dumps({"pid": pid}) + "\n"); proto.flush()
-"""
-
-
-class Zygote:
-    """Forks pre-warmed `python -m stream_merge` processes (see the module docstring)."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.n = 0
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-        self._ready = False
-
-    def _line(self, timeout: float) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError("the zygote did not answer")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the zygote died (rc={self.proc.poll()})")
-        return line
-
-    def start(self, argv: Sequence[str]) -> "Child":
-        if not self._ready:
-            assert self._line(300) == "ready\n"
-            self._ready = True
-        self.n += 1
-        out, err = self.logdir / f"{self.n}.out", self.logdir / f"{self.n}.err"
-        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "stdout": str(out),
-                                          "stderr": str(err)}) + "\n")
-        pid = json.loads(self._line(60))["pid"]
-        return Child(self, pid, out, err, time.perf_counter())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@dataclass
-class Child:
-    zygote: Zygote
-    pid: int
-    out_path: Path
-    err_path: Path
-    started: float
-    rc: int | None = None
-    seconds: float = 0.0
-
-    def signal(self, sig: int) -> None:
-        # Safe even if it has exited: the zygote reaps it only on wait(), so the pid cannot be reused before.
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 300) -> int:
-        if self.rc is None:
-            self.zygote.proc.stdin.write(json.dumps({"reap": self.pid}) + "\n")
-            try:
-                line = self.zygote._line(timeout)
-            except TimeoutError:
-                os.kill(self.pid, signal.SIGKILL)
-                line = self.zygote._line(60)
-            self.rc = json.loads(line)["rc"]
-            self.seconds = time.perf_counter() - self.started
-        return self.rc
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
 
 def sha256(path: Path) -> str:
     """A file's digest; the model card names the exact command that made it (OUT, --fresh, ...), so that

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import rewrite_adapter
+from zygote import Zygote
 from stream_merge.synthetic import LlamaShape, write_adapter, write_checkpoint
 
 try:
@@ -72,56 +73,17 @@ def publish(hub: HubServer, model: dict, tag: str | None = None) -> str:
     return hub.add_commit("org/base", {p.name: p for p in model["base"].iterdir()}, tag=tag)
 
 
-# Each CLI run is its own process with its own environment, forked from a "zygote" that has imported torch and
-# stream_merge once (2 s a run saved) but not huggingface_hub, which reads HF_* when the child imports it.
-_ZYGOTE = r"""
-import json, os, runpy, signal, sys, traceback
-import torch  # noqa: F401
-import stream_merge.cli, stream_merge.runner  # noqa: F401
-assert not [m for m in sys.modules if m.split(".")[0] in ("huggingface_hub", "httpx2", "httpx")], "imported too early"
-proto = sys.stdout
-proto.write("ready\n"); proto.flush()
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.alarm(req["timeout"])
-            os.environ.clear(); os.environ.update(req["env"]); os.chdir(req["cwd"])
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
-            os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
-            sys.argv = ["stream_merge", *req["argv"]]
-            try:
-                runpy.run_module("stream_merge", run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush(); sys.stderr.flush()
-            finally:
-                os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    proto.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n"); proto.flush()
-"""
-
-
+# Each CLI run is its own process with its own environment, forked from the shared fork server (tests/zygote.py),
+# which has imported torch and stream_merge once (2 s a run saved) but not huggingface_hub.
 @pytest.fixture(scope="module")
-def zygote():
+def zygote(tmp_path_factory):
     if not hasattr(os, "fork"):
         yield None
         return
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "HUGGINGFACE_"))}
-    proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env)
-    assert proc.stdout.readline() == "ready\n"
-    yield proc
-    proc.stdin.close()
-    proc.wait(timeout=30)
+    server = Zygote(tmp_path_factory.mktemp("zygote-logs"), env=env)
+    yield server
+    server.close()
 
 
 def cli(hub: HubServer, hf_home: Path, *args: object, env: dict | None = None, timeout: int = 120
@@ -129,28 +91,21 @@ def cli(hub: HubServer, hf_home: Path, *args: object, env: dict | None = None, t
     """`python -m stream_merge ARGS` in its own process, with hub_env (+ `env`) as its whole environment."""
     argv = [str(a) for a in args]
     full_env = hub_env(hub, hf_home, env)
-    proc = _ZYGOTE_PROC.get("proc")
-    if proc is None:
+    server = _ZYGOTE.get("server")
+    if server is None:
         return subprocess.run([sys.executable, "-m", "stream_merge", *argv], capture_output=True, text=True,
                               env=full_env, cwd=hf_home.parent, timeout=timeout)
-    logs = hf_home.parent / f".cli-{time.monotonic_ns()}"
-    req = {"argv": argv, "env": full_env, "cwd": str(hf_home.parent), "timeout": timeout,
-           "stdout": f"{logs}.out", "stderr": f"{logs}.err"}
-    proc.stdin.write(json.dumps(req) + "\n")
-    proc.stdin.flush()
-    rc = json.loads(proc.stdout.readline())["rc"]
-    out, err = Path(req["stdout"]).read_text(), Path(req["stderr"]).read_text()
-    return subprocess.CompletedProcess(["stream_merge", *argv], rc, out, err)
+    return server.run(argv, env=full_env, cwd=hf_home.parent, timeout=timeout)
 
 
-_ZYGOTE_PROC: dict = {}
+_ZYGOTE: dict = {}
 
 
 @pytest.fixture(autouse=True)
 def _use_zygote(zygote):
-    _ZYGOTE_PROC["proc"] = zygote
+    _ZYGOTE["server"] = zygote
     yield
-    _ZYGOTE_PROC.clear()
+    _ZYGOTE.clear()
 
 
 def merge(hub: HubServer, hf_home: Path, out: Path, *args: object, base: str = "org/base", env: dict | None = None

@@ -50,9 +50,14 @@ def _transposed_model_types() -> set[str]:
 
 
 def test_transposed_expert_types_are_the_ones_transformers_marks() -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     found = _transposed_model_types()
     assert "gpt_oss" in found
-    assert found == TRANSPOSED_EXPERTS, (sorted(found - TRANSPOSED_EXPERTS), sorted(TRANSPOSED_EXPERTS - found))
+    # every type the installed transformers marks is in our table; a type of ours it does not mark must be one
+    # it does not know (an older transformers than the one the table was written against), never a known one
+    assert found <= TRANSPOSED_EXPERTS, sorted(found - TRANSPOSED_EXPERTS)
+    assert not (TRANSPOSED_EXPERTS - found) & set(CONFIG_MAPPING_NAMES), sorted(TRANSPOSED_EXPERTS - found)
 
 
 # moved from test_planner.py (assertions unchanged)
