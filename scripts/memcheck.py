@@ -33,16 +33,21 @@ from bench import (DEFAULT_WORKDIR, engine_info, human, loadavg, machine_info, m
                    make_inputs, measure, parse_size, source_digest, stream_merge_cmd, tail)
 
 
-def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
-    heads = args.heads or max(1, args.hidden // 128)
-    base, adapter, info, made = make_inputs(workdir, size, args.hidden, args.intermediate, args.vocab, heads, heads,
-                                            shard, args.rank)
+def merge_command(args: argparse.Namespace, base: Path, adapter: Path, workdir: Path) -> tuple[str, Path, Path]:
+    """The measured `stream-merge merge` command line, its (not yet existing) output folder and its log."""
     out = Path(tempfile.mkdtemp(prefix="memcheck-out-", dir=workdir))
     shutil.rmtree(out)
     q = shlex.quote
     cmd = (" ".join(q(a) for a in stream_merge_cmd()) + f" merge {q(str(base))} {q(str(adapter))} -o {q(str(out))} "
            f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else ""))
-    log = workdir / "memcheck-merge.log"
+    return cmd, out, workdir / "memcheck-merge.log"
+
+
+def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
+    heads = args.heads or max(1, args.hidden // 128)
+    base, adapter, info, made = make_inputs(workdir, size, args.hidden, args.intermediate, args.vocab, heads, heads,
+                                            shard, args.rank)
+    cmd, out, log = merge_command(args, base, adapter, workdir)
     try:
         src = source_digest()
         r = measure(cmd, log=log)
@@ -105,12 +110,7 @@ def one_moe(args: argparse.Namespace, workdir: Path) -> dict:
     """Merge the fused-MoE case and measure it like `one`."""
     experts, rows, cols = args.moe
     base, adapter = make_moe_inputs(workdir, experts, rows, cols, args.rank)
-    out = Path(tempfile.mkdtemp(prefix="memcheck-out-", dir=workdir))
-    shutil.rmtree(out)
-    q = shlex.quote
-    cmd = (" ".join(q(a) for a in stream_merge_cmd()) + f" merge {q(str(base))} {q(str(adapter))} -o {q(str(out))} "
-           f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else ""))
-    log = workdir / "memcheck-merge.log"
+    cmd, out, log = merge_command(args, base, adapter, workdir)
     try:
         r = measure(cmd, log=log)
         ok_out = (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists()
