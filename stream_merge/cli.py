@@ -12,13 +12,13 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
 from .errors import MergeInterrupted, PlanError, StreamMergeError, memory_error
 from .limits import check_address_space
+from .platform_support import guard_base_files
 
 MERGE_EXAMPLES = """\
 examples:
@@ -283,10 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("merge", "verify", "finalize") and threading.current_thread() is threading.main_thread():
-        from .platform_support import guard_base_files
-
-        guard_base_files()
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         # huggingface_hub's own bars: none in logs (raw carriage returns) and none when asked for quiet
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -294,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
     old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    old_io = guard_base_files() if args.command in ("merge", "verify", "finalize") else None
     try:
         check_address_space()  # before torch is imported: below this, loading it aborts the process
         return COMMANDS[args.command](args)
@@ -316,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     finally:
         signal.signal(signal.SIGTERM, old)
+        if old_io is not None:  # an in-process caller gets its own SIGIO handling back
+            signal.signal(signal.SIGIO, old_io)
 
 
 def entry() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Any
 
 from .errors import ConfigError
 
@@ -35,11 +36,13 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def guard_base_files() -> None:
+def guard_base_files() -> Any:
     """Let shard readers hold a read lease on their base file (Linux), so that another process that truncates
     or opens it for writing waits until the reader has stopped, and the reader names the file instead of
     faulting (SIGBUS) on a map of bytes that are gone. The kernel announces such a lease break with SIGIO,
     whose default action ends the process: only a process that calls this (the CLI, from its main thread)
-    ignores SIGIO and so takes leases; library callers keep the size/identity checks alone."""
+    ignores SIGIO and so takes leases; library callers keep the size/identity checks alone. Returns the
+    previous SIGIO handler for the caller to restore (None where leases are not available)."""
     if fcntl is not None and hasattr(fcntl, "F_SETLEASE") and hasattr(signal, "SIGIO"):
-        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        return signal.signal(signal.SIGIO, signal.SIG_IGN)
+    return None

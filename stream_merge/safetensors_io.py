@@ -212,15 +212,15 @@ class ShardReader:
         except OSError as exc:
             what = f"it can no longer be read ({exc.strerror})"
         else:
-            if self._leased and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
-                # the lease is being broken: another process waits to truncate or write this file
-                what = "another process is truncating it or opening it for writing"
-            elif st.st_size != self.header.size:
+            if st.st_size != self.header.size:
                 what = f"truncated or extended: {self.header.size} -> {st.st_size} bytes"
             elif (now.st_dev, now.st_ino) != self._identity[:2]:
                 what = "replaced by another file"
             elif st.st_mtime_ns != self._identity[2]:
                 what = "rewritten in place (its modification time changed)"
+            elif self._leased and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+                # the lease is being broken: another process waits to truncate or write this file
+                what = "another process is truncating it or opening it for writing"
             else:
                 return
         raise CheckpointFormatError(f"base file changed during the merge: {what}", file=str(self.path),

@@ -181,3 +181,17 @@ def test_python_api_merge_plan_verify_finalize(pair: tuple[Path, Path], tmp_path
         assert exc.plan is not None and len(exc.plan.problems) == 14
     else:
         raise AssertionError("a plan with problems passed")
+
+
+def test_an_in_process_cli_run_gives_sigio_back(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The CLI ignores SIGIO while it merges (base files under read leases); a caller that runs `main` in its
+    own process gets its handler back, so its later readers take no leases (a lease would make that process's
+    own writes to a base file wait for the lease-break timeout)."""
+    import signal
+
+    from stream_merge.cli import main
+
+    base, adapter = pair
+    before = signal.getsignal(signal.SIGIO)
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert signal.getsignal(signal.SIGIO) == before
