@@ -303,9 +303,6 @@ def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: li
     _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
     device = _resume_device(out) if cfg.device == "auto" else None
     device = device or resolve_device(cfg.device)
-    if cfg.ray is not None and base_src.kind != "local":
-        raise ConfigError("--ray needs BASE on a file system every Ray node can read",
-                          key="ray", fix="download the base first, or run without --ray")
     mine = _partition(cfg, plan)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -358,10 +355,7 @@ def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:
     """The shards this run merges: all of them, or worker I's share of a deterministic split by bytes."""
     if cfg.worker is None:
         return {s.file for s in plan.shards}
-    i, n = parse_worker(cfg.worker)
-    if cfg.fresh:
-        raise ConfigError("--fresh cannot be combined with --worker: one worker would delete the others' shards",
-                          key="fresh", fix="run --fresh once without --worker (or empty OUT), then start the workers")
+    i, n = parse_worker(cfg.worker)  # --fresh with --worker is refused by build_config
     return set(split([(s.file, s.in_bytes) for s in plan.shards], n)[i])
 
 

@@ -91,6 +91,18 @@ def test_shared_embedding_lora_is_refused_without_untie(case: str, tmp_path: Pat
             "PEFT's merge of a tied embedding was expected to deviate (§7.1)"
 
 
+def _untied_logits_match_unmerged(cls: str, family: str, base: Path, adapter: Path, tmp_path: Path, **unmerged):
+    """Merge fp32 copies with --untie and require the unmerged adapter's fp32 logits; returns the fp32 pair,
+    the inputs and those logits for further checks."""
+    ids = inputs_for(family)
+    base32, adapter32 = to_fp32_pair(base, adapter, tmp_path / "fp32")
+    out32 = tmp_path / "out32"
+    _merge(base32, adapter32, out32, untie=True)
+    want = unmerged_logits(cls, base32, adapter32, ids, **unmerged)
+    torch.testing.assert_close(folder_logits(cls, out32, ids), want, rtol=1e-5, atol=1e-4)
+    return base32, adapter32, ids, want
+
+
 def test_bart_untie_writes_every_tied_member(tmp_path: Path) -> None:
     """--untie on BART: ``model.shared``, both ``embed_tokens`` and ``lm_head`` become separate tensors (with
     tie_word_embeddings false transformers ties none of them), each with only its own delta. Every other tensor
@@ -111,12 +123,7 @@ def test_bart_untie_writes_every_tied_member(tmp_path: Path) -> None:
     assert_bitwise_equal(load_folder_tensors(out), expected)
     assert _config(out) == {**_config(base), "tie_word_embeddings": False}
 
-    ids = inputs_for("bart")
-    base32, adapter32 = to_fp32_pair(base, adapter, tmp_path / "fp32")
-    out32 = tmp_path / "out32"
-    _merge(base32, adapter32, out32, untie=True)
-    want = unmerged_logits(cls, base32, adapter32, ids)
-    torch.testing.assert_close(folder_logits(cls, out32, ids), want, rtol=1e-5, atol=1e-4)
+    _untied_logits_match_unmerged(cls, "bart", base, adapter, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,12 +149,7 @@ def test_bert_masked_lm_untie_writes_the_head_bert_loads(tmp_path: Path) -> None
     assert_bitwise_equal(load_folder_tensors(out), expected)
     assert "lm_head.weight" not in load_folder_tensors(out)
 
-    ids = inputs_for("bert")
-    base32, adapter32 = to_fp32_pair(base, adapter, tmp_path / "fp32")
-    out32 = tmp_path / "out32"
-    _merge(base32, adapter32, out32, untie=True)
-    want = unmerged_logits(cls, base32, adapter32, ids)
-    torch.testing.assert_close(folder_logits(cls, out32, ids), want, rtol=1e-5, atol=1e-4)
+    base32, adapter32, ids, want = _untied_logits_match_unmerged(cls, "bert", base, adapter, tmp_path)
     assert (peft_merged_logits(cls, base32, adapter32, ids) - want).abs().max() > 1e-3, \
         "PEFT's tied merge was expected to deviate (§7.1)"
     _refuses(base, adapter, tmp_path / "refused", match=r"cls\.predictions\.decoder\.weight.*--untie")
@@ -257,9 +259,4 @@ def test_tied_base_resized_vocabulary_lora_on_lm_head_untied(tmp_path: Path) -> 
                                                     "lm_head.weight": head})
     assert _config(out) == {**_config(base), "vocab_size": 104, "tie_word_embeddings": False}
 
-    ids = inputs_for("llama")
-    base32, adapter32 = to_fp32_pair(base, adapter, tmp_path / "fp32")
-    out32 = tmp_path / "out32"
-    _merge(base32, adapter32, out32, untie=True)
-    want = unmerged_logits(cls, base32, adapter32, ids, resize_vocab=104)
-    torch.testing.assert_close(folder_logits(cls, out32, ids), want, rtol=1e-5, atol=1e-4)
+    _untied_logits_match_unmerged(cls, "llama", base, adapter, tmp_path, resize_vocab=104)
