@@ -28,7 +28,7 @@ from .errors import CompatibilityError, ConfigError, InputError, OutputError, Pl
 from .extras import RECORD_NAME
 from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
 from .completion import finalize_output, printable, shipped_files
-from .disk_space import check_disk, planned_disks, short_disk_error
+from .disk_space import check_disk as _check_disk, planned_disks, short_disk_error
 from .journal import SHARDS_DIR, Journal
 from .locking import out_lock
 from .partition import parse_worker, split
@@ -196,7 +196,7 @@ class _MergeRun:
                 self.journal.record(out, f, entry)
         for f in todo:
             self.journal.forget(out, f)
-        check_disk(out, self.plan, todo, self.base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
+        _check_disk(out, self.plan, todo, self.base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
         if self.pusher is not None:
             for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
                 self.pusher.submit(r.file, r.sha256)
