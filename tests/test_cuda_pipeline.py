@@ -305,3 +305,23 @@ def test_device_blocks_have_their_own_budget() -> None:
     assert not cpu.pipelined and gpu.pipelined and Compute(pipeline=True).pipelined
     assert cpu.row_block_bytes == cpu.block_bytes and gpu.row_block_bytes == gpu.device_block_bytes >= 32 << 20
     assert gpu.buffer_bytes >= 2 * gpu.device_block_bytes
+
+
+@pytest.mark.slow
+def test_bench_cuda_runs_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/bench_cuda.py, the one script for a GPU machine, works end to end with --device cpu: read rate,
+    merges, PEFT's merge and a bitwise parity verdict in its JSON."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("peft")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_cuda.py"
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(script), "--device", "cpu", "--size", "8MB", "--hidden", "128",
+                        "--intermediate", "344", "--vocab", "512", "--shard-size", "3MB", "--repeats", "1",
+                        "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr + p.stdout
+    d = json.loads(out.read_text())
+    assert d["parity"]["bitwise_equal"] and d["parity"]["elements"] > 0 and not d["parity"]["tensors_differ"]
+    assert len(d["read"]["runs"]) == 2 and d["merge"]["in_process_gb_per_s"] > 0 and "merge_s" in d["peft"]
