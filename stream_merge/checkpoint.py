@@ -171,6 +171,17 @@ def _cross_check(headers: list[ShardHeader], wmap: dict[str, str], index_file: s
             file=index_file, fix="re-download the checkpoint (index and shards from one revision)")
 
 
+def _distinct_outputs(headers: list[ShardHeader], index_file: str) -> None:
+    """Two .bin shards whose safetensors output names would be one file are refused."""
+    seen: dict[str, str] = {}
+    for h in headers:
+        other = seen.setdefault(h.output_name, h.file)
+        if other != h.file:
+            raise CheckpointFormatError(f"shards {other} and {h.file} would both be written as {h.output_name}",
+                                        file=index_file, fix="rename the shards as transformers names them "
+                                                             "(pytorch_model-0000i-of-0000n.bin)")
+
+
 def local_weight_files(root: Path, label: str) -> WeightFiles:
     """The weight layout of a local base folder; a folder without one is refused naming what it holds."""
     found = weight_files([n for n in (INDEX_NAME, SINGLE_NAME, PICKLE_INDEX_NAME, PICKLE_SINGLE_NAME)
@@ -209,6 +220,7 @@ def read_index(root: Path, header_reader: Callable[[str], ShardHeader] | None = 
         wmap = index_shard_names(index, str(index_path), files)
         headers = [read(name) for name in sorted(set(wmap.values()))]
         _cross_check(headers, wmap, str(index_path))
+        _distinct_outputs(headers, str(index_path))
         meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
         base = BaseIndex(root=label, shards=tuple(headers), weight_map=dict(wmap), single_file=False,
                          config=config, index_metadata=meta)

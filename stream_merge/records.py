@@ -81,6 +81,16 @@ class ShardHeader:
         """Whether the file is safetensors (its own header bytes can be copied to an output)."""
         return self.data_start is None
 
+    @property
+    def output_name(self) -> str:
+        """The name of this shard's output in the base's layout: its own for safetensors; for a PyTorch
+        `.bin` the safetensors name transformers gives it (`pytorch_model.bin` -> `model.safetensors`,
+        `pytorch_model-00001-of-00002.bin` -> `model-00001-of-00002.safetensors`)."""
+        if self.safetensors:
+            return self.file
+        stem = self.file.removesuffix(".bin")
+        return ("model" + stem[len("pytorch_model"):] if stem.startswith("pytorch_model") else stem) + ".safetensors"
+
     @cached_property
     def by_name(self) -> Mapping[str, TensorInfo]:
         return {t.name: t for t in self.tensors}

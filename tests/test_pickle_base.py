@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import make_pair, run_cli
 from stream_merge.checkpoint import read_index
 from stream_merge.errors import CheckpointFormatError, InputError
 from stream_merge.pickle_io import read_pickle_file, read_pickle_header
@@ -158,3 +158,120 @@ def test_truncated_bin_is_refused_naming_the_file(tmp_path: Path, keep: int) -> 
     with pytest.raises(CheckpointFormatError) as err:
         read_pickle_file(path, path.name)
     assert "pytorch_model.bin" in err.value.one_line()
+
+
+# ---------------------------------------------------------------------------------------------- real models
+
+
+def make_bin_base(folder: Path, shards: int = 1, tie: bool = False) -> Path:
+    """A tiny random Llama saved as transformers 4 did with safe_serialization=False: `pytorch_model.bin`, or
+    `pytorch_model-0000i-of-0000n.bin` + `pytorch_model.bin.index.json` (tensors sharing a storage, a tie,
+    stay in one shard). transformers 5 writes no .bin, so the state dict goes through torch.save here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from oracle import FAMILIES, _randomize
+
+    cfg = AutoConfig.for_model("llama", **{**FAMILIES["llama"], "tie_word_embeddings": tie})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _randomize(model, 0)
+    model = model.to(torch.bfloat16).eval()
+    folder.mkdir(parents=True)
+    model.config.save_pretrained(folder)
+    GenerationConfig.from_model_config(model.config).save_pretrained(folder)
+    state = model.state_dict()
+    assert ("lm_head.weight" in state) and (state["lm_head.weight"].data_ptr()
+                                            == state["model.embed_tokens.weight"].data_ptr()) == tie
+    if shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return folder
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    files = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    wmap = {n: files[i % shards] for i, names in enumerate(groups.values()) for n in names}
+    for f in files:
+        torch.save({k: v for k, v in state.items() if wmap[k] == f}, folder / f)
+    total = sum(t.nbytes for k, t in state.items() if not (tie and k == "lm_head.weight"))
+    (folder / PICKLE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
+    return folder
+
+
+def bin_copy(src: Path, dst: Path) -> Path:
+    """A safetensors checkpoint folder re-saved with torch.save, as transformers 4 named .bin checkpoints."""
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.suffix != ".safetensors" and p.name != "model.safetensors.index.json":
+            (dst / p.name).write_bytes(p.read_bytes())
+    index = src / "model.safetensors.index.json"
+    if not index.exists():
+        torch.save(load_file(str(src / "model.safetensors")), dst / "pytorch_model.bin")
+        return dst
+    obj = json.loads(index.read_text())
+    shards = sorted(set(obj["weight_map"].values()))
+    names = {s: f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i, s in enumerate(shards)}
+    for s in shards:
+        torch.save(load_file(str(src / s)), dst / names[s])
+    obj["weight_map"] = {k: names[v] for k, v in obj["weight_map"].items()}
+    (dst / PICKLE_INDEX).write_text(json.dumps(obj))
+    return dst
+
+
+def test_a_bin_base_needs_allow_pickle_and_says_why(tmp_path: Path) -> None:
+    base, adapter = make_pair(tmp_path)
+    pbase = bin_copy(base, tmp_path / "pbase")
+    out = tmp_path / "out"
+    r = run_cli("merge", pbase, adapter, "-o", out)
+    assert r.returncode == 2 and not out.exists(), r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert PICKLE_INDEX in line and "--allow-pickle" in line and "run code" in line and "Traceback" not in r.stderr
+    with pytest.raises(InputError, match="allow-pickle"):
+        read_index(pbase)
+    index = read_index(pbase, allow_pickle=True)
+    assert [h.file for h in index.shards] == sorted(set(json.loads((pbase / PICKLE_INDEX).read_text())
+                                                        ["weight_map"].values()))
+    assert [h.output_name for h in index.shards] == sorted(set(json.loads(
+        (base / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save({"w": torch.ones(2)}, single / "pytorch_model.bin")
+    with pytest.raises(InputError, match=r"pytorch_model\.bin.*--allow-pickle|--allow-pickle.*pytorch_model\.bin"):
+        read_index(single)
+    assert read_index(single, allow_pickle=True).shards[0].output_name == "model.safetensors"
+
+
+def test_safetensors_are_preferred_when_a_folder_has_both(tmp_path: Path) -> None:
+    base, _ = make_pair(tmp_path)
+    pbase = bin_copy(base, tmp_path / "both")
+    for p in base.glob("*.safetensors*"):
+        (pbase / p.name).write_bytes(p.read_bytes())
+    index = read_index(pbase)  # no flag needed: the .bin files are not read
+    assert all(h.safetensors and h.file.endswith(".safetensors") for h in index.shards)
+
+
+def test_tied_copies_are_dropped_only_when_the_config_ties_them(tmp_path: Path) -> None:
+    folder = tmp_path / "tied"
+    folder.mkdir()
+    emb = torch.randn(64, 32)
+    torch.save({"model.embed_tokens.weight": emb, "model.norm.weight": torch.ones(32), "lm_head.weight": emb},
+               folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                    "vocab_size": 64, "tie_word_embeddings": True}))
+    index = read_index(folder, allow_pickle=True)
+    assert sorted(index.tensors) == ["model.embed_tokens.weight", "model.norm.weight"]
+    assert sorted(index.weight_map) == sorted(index.tensors)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                    "vocab_size": 64, "tie_word_embeddings": False}))
+    assert sorted(read_index(folder, allow_pickle=True).tensors) == ["lm_head.weight", "model.embed_tokens.weight",
+                                                                     "model.norm.weight"]
+
+
+def test_shards_that_would_share_an_output_name_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "clash"
+    folder.mkdir()
+    torch.save({"a": torch.ones(2)}, folder / "pytorch_model-1.bin")
+    torch.save({"b": torch.ones(2)}, folder / "model-1.bin")
+    (folder / PICKLE_INDEX).write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin", "b": "model-1.bin"}}))
+    with pytest.raises(CheckpointFormatError, match="model-1.safetensors"):
+        read_index(folder, allow_pickle=True)
