@@ -106,7 +106,7 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     base_src = resolve_source(cfg.base, "BASE", token=cfg.token, keep_downloads=cfg.keep_downloads,
                               download_dir=None if out is None else download_area(out))
     adapter_srcs = [resolve_source(a, "ADAPTER", token=cfg.token) for a in cfg.adapters]
-    base = base_src.base_index(cfg.base)
+    base = base_src.base_index(cfg.base, allow_pickle=cfg.allow_pickle)
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,

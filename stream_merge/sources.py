@@ -31,8 +31,8 @@ class Source(Protocol):
     def folder(self) -> Path:
         """A local folder with the small files (configs, tokenizer; for adapters, the adapter files too)."""
 
-    def base_index(self, label: str) -> BaseIndex:
-        """Index + shard headers, without reading tensor data."""
+    def base_index(self, label: str, allow_pickle: bool = False) -> BaseIndex:
+        """Index + shard headers, without reading tensor data (`allow_pickle`: PyTorch .bin bases too)."""
 
     def available(self, file: str) -> bool:
         """Whether the shard can be read without downloading it."""
@@ -70,8 +70,8 @@ class LocalSource:
     def folder(self) -> Path:
         return self.path
 
-    def base_index(self, label: str) -> BaseIndex:
-        index = read_index(self.path, label=label)
+    def base_index(self, label: str, allow_pickle: bool = False) -> BaseIndex:
+        index = read_index(self.path, label=label, allow_pickle=allow_pickle)
         side_files(self.path)  # refuses a side file linked out of BASE before any work
         return index
 
