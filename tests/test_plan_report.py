@@ -219,3 +219,36 @@ def test_a_one_slash_name_not_on_the_test_hub(hub, pair: tuple[Path, Path], tmp_
     before = len(hub.requests())
     r = run_cli("plan", "./org/missing", adapter, env=env)
     assert r.returncode == 2 and "no such folder" in r.stderr and len(hub.requests()) == before  # never looked up
+
+
+def test_dry_run_of_a_hub_base_counts_the_download_area(hub, pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """(prefetch + 1) base shards downloaded at once, all of them with --keep-downloads; nothing is fetched."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import hub_env
+
+    base, adapter = pair
+    hub.add_commit("org/base", {p.name: p for p in base.iterdir()})
+    plan = stream_merge.plan(str(base), str(adapter))
+    sizes = sorted((s.in_bytes for s in plan.shards), reverse=True)
+    out = tmp_path / "out"
+    code = ("import json, sys, stream_merge\n"
+            "r = stream_merge.merge('org/base', sys.argv[1], sys.argv[2], dry_run=True, **json.loads(sys.argv[3]))\n"
+            "print(json.dumps([[d.need, d.downloads] for d in r.disk]))")
+    env = dict(os.environ, **hub_env(hub, tmp_path / "hf"))
+    writes = sum(output_sizes(plan).values()) + max(output_sizes(plan).values())
+    for options, fetched in (({}, sum(sizes[:2])), ({"prefetch": 2}, sum(sizes[:3])),
+                             ({"keep_downloads": True}, sum(sizes))):
+        r = subprocess.run([sys.executable, "-c", code, str(adapter), str(out), json.dumps(options)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == [[writes + fetched, fetched]], options
+        assert not out.exists()
+    r = run_cli("merge", "org/base", adapter, "-o", out, "--dry-run", env=hub_env(hub, tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    totals = next(ln for ln in r.stdout.splitlines() if ln.startswith("totals: "))
+    assert "base shards downloaded at once" in totals and r.stdout.splitlines()[-1].startswith("verdict: OK")
+    reads = [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith(".safetensors")]
+    assert reads and all(q.range is not None for q in reads) and not out.exists()  # headers only
