@@ -14,7 +14,7 @@ sha is used for every file afterwards, so a branch that moves during a run canno
 - Cleanup by ownership: only files this source downloaded, and the partial files of the shards it downloads,
   are removed; the area's folders go once they are empty (another worker's files are never touched).
 - Integrity: every file we use is hashed and compared with the Hub's digest (huggingface_hub checks only
-  sizes); a mismatch is downloaded once more, then fails naming the file. Transient errors (dropped
+  sizes; shards are hashed while they download, `hub_follow`, so the check adds no time); a mismatch is downloaded once more, then fails naming the file. Transient errors (dropped
   connections, 5xx, timeouts) are retried by `hub_errors.call_with_retries`; every request has a timeout
   (`hub_http`).
 - HF_HUB_OFFLINE=1: the revision comes from the cache's refs, files from its snapshot, digests from the blob
@@ -41,6 +41,7 @@ from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
 from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revision, digest_matches,
                         drop_stale_partials, remember_ref, remote_file, remove_empty_area, repo_cache_dir, snapshot_dir)
 from .hub_errors import call_with_retries, hub_error, split_spec
+from .hub_follow import PartialFollower
 from .hub_http import install_timeouts, read_range
 from .records import BaseIndex, ShardHeader
 from .pickle_io import read_pickle_header
@@ -58,6 +59,7 @@ T = TypeVar("T")
 
 HEADER_PROBE = 100_000          # first range read of a shard; larger headers take a second one
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
+FOLLOW_MIN = 1 << 20            # LFS files at least this big are hashed while they download
 BASE_CARD = "README.md"         # fetched with the small files: the output's card keeps its text and licence
 
 
@@ -331,8 +333,13 @@ class HubSource:
         entry = self.files[name]
         got = ""
         for attempt in range(2):
-            path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
-            ok, got = digest_matches(path, entry)
+            if entry.sha256 and entry.size >= FOLLOW_MIN:  # shards: hashed while they download
+                with PartialFollower(self._partials_dir(name, local_dir), entry) as follower:
+                    path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
+                    ok, got = follower.verdict(path)
+            else:
+                path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
+                ok, got = digest_matches(path, entry)
             if ok:
                 return path
             log.warning("%s from %s does not match the Hub's checksum (%s); downloading it again", name,
@@ -347,6 +354,12 @@ class HubSource:
         raise HubError(f"{name} of {self.repo_id}@{self.revision[:12]} was downloaded twice and both copies differ "
                        f"from the Hub's {kind} ({got[:16]}... instead of {want[:16]}...)", file=name,
                        fix="retry later; if it persists, the file or a proxy on the way is corrupt")
+
+    def _partials_dir(self, name: str, local_dir: Path | None) -> Path:
+        """Where huggingface_hub writes `name`'s partial file (see hub_cache's module docstring)."""
+        if local_dir is None:
+            return repo_cache_dir(self.repo_id) / "blobs"
+        return local_dir / HF_LOCAL_DIR_META / "download" / PurePosixPath(name).parent
 
     def _download(self, name: str, local_dir: Path | None, force: bool) -> Path:
         kwargs: dict[str, Any] = dict(revision=self.revision, token=self.token, force_download=force)
