@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, load_json, read_index
+from .checkpoint import (INDEX_NAME, SINGLE_NAME, check_pickle_allowed, index_shard_names, load_json, read_index,
+                         read_shard_header, weight_files)
 from .errors import HubError, StreamMergeError
 from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
 from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revision, digest_matches,
@@ -42,7 +43,8 @@ from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revi
 from .hub_errors import call_with_retries, hub_error, split_spec
 from .hub_http import install_timeouts, read_range
 from .records import BaseIndex, ShardHeader
-from .safetensors_io import MAX_HEADER_BYTES, parse_header, read_header_file
+from .pickle_io import read_pickle_header
+from .safetensors_io import MAX_HEADER_BYTES, parse_header
 
 try:
     from huggingface_hub.utils.tqdm import silent_tqdm as _quiet_bar
@@ -112,9 +114,10 @@ class HubSource:
         """The files planning needs: index and side files of a base; the adapter's files (top level or one
         sub-folder) and its tokenizer."""
         if self.what == "BASE":
-            if INDEX_NAME not in self.files and SINGLE_NAME not in self.files:
+            layout = weight_files(self.files)
+            if layout is None:
                 raise self._no_weights()
-            return [n for n, f in self.files.items() if n == INDEX_NAME or is_side_file(n, f.size)
+            return [n for n, f in self.files.items() if n == layout.index or is_side_file(n, f.size)
                     or (n == BASE_CARD and f.size <= MAX_SIDE_FILE)]
         names = [n for n in self.files if n.count("/") <= 1 and PurePosixPath(n).name in
                  ADAPTER_FILES + TOKENIZER_FILES]
@@ -160,10 +163,14 @@ class HubSource:
     def folder(self) -> Path:
         return self.snapshot
 
-    def base_index(self, label: str) -> BaseIndex:
+    def base_index(self, label: str, allow_pickle: bool = False) -> BaseIndex:
         """Index and shard headers: from the HF cache where a shard is there, else by range requests."""
         if self.what != "BASE":
             raise HubError(f"{self.spec} was opened as {self.what}, not as BASE")
+        layout = weight_files(self.files)
+        if layout is None:
+            raise self._no_weights()
+        check_pickle_allowed(layout, allow_pickle, self.spec)
         names = self._shard_names()
         missing = [n for n in names if n not in self.files]
         if missing:
@@ -184,20 +191,21 @@ class HubSource:
                 raise got
             return got
 
-        index = read_index(self.snapshot, header_reader=reader, label=label)
+        index = read_index(self.snapshot, header_reader=reader, label=label, allow_pickle=allow_pickle, files=layout)
         side_files(self.snapshot)  # refuses a side file linked out of the snapshot and its blob store
         return index
 
     def _shard_names(self) -> list[str]:
-        if INDEX_NAME not in self.files:
-            return [SINGLE_NAME]
-        index_path = self.snapshot / INDEX_NAME
+        layout = weight_files(self.files)
+        if layout is None:
+            raise self._no_weights()
+        if layout.index is None:
+            return [layout.single]
+        index_path = self.snapshot / layout.index
         if not index_path.is_file():
-            raise HubError(f"{INDEX_NAME} of {self.repo_id} is not in the HF cache and HF_HUB_OFFLINE=1 is set",
+            raise HubError(f"{layout.index} of {self.repo_id} is not in the HF cache and HF_HUB_OFFLINE=1 is set",
                            file=str(index_path), fix="run once online")
-        index = load_json(index_path, "checkpoint index")
-        wmap = index.get("weight_map") if isinstance(index, dict) else None
-        return sorted({check_shard_name(v, str(index_path)) for v in wmap.values()}) if isinstance(wmap, dict) else []
+        return sorted(set(index_shard_names(load_json(index_path, "checkpoint index"), str(index_path), layout).values()))
 
     def available(self, file: str) -> bool:
         """Whether the shard can be read without downloading it (it is in the HF cache)."""
@@ -354,7 +362,7 @@ class HubSource:
             local = self._cached(name)
             if local is not None:
                 try:
-                    return read_header_file(local, name)
+                    return read_shard_header(local, name)
                 except StreamMergeError:
                     if self.offline:
                         raise
@@ -379,6 +387,8 @@ class HubSource:
         def get(start: int, end: int) -> bytes:
             return self._call(lambda: read_range(url, start, end, self.token), file=name)
 
+        if name.endswith(".bin"):  # a torch.save zip: its directory, data.pkl and storage headers by ranges
+            return read_pickle_header(get, size, name)
         head = get(0, min(size, HEADER_PROBE))
         if len(head) >= 8:
             (n,) = struct.unpack("<Q", head[:8])
