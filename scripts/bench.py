@@ -350,6 +350,30 @@ def summarize(runs: list[dict], base_bytes: int) -> dict:
     return out
 
 
+def patched_bytes(base: Path, adapter: Path) -> int | None:
+    """Bytes of the base tensors the merge patches (from its plan), or None if it cannot be planned here."""
+    try:
+        import stream_merge
+
+        plan = stream_merge.plan(str(base), str(adapter))
+        return sum(t.source.end - t.source.start for s in plan.shards for t in s.touched)
+    except Exception as exc:  # noqa: BLE001 - a report line, not the benchmark
+        print(f"patched bytes: not computed ({exc})", file=sys.stderr)
+        return None
+
+
+def cpu_per_patched_gb(summary: dict, patched: int | None) -> None:
+    """Add and print the merge's CPU-seconds per GB of patched tensors: the command's median CPU time (user +
+    sys) less the `startup` command's (Python + torch import) when measured, over the bytes the plan patches."""
+    fixed = summary["startup"]["median_cpu_s"] if "startup" in summary else 0.0
+    for name in ("stream-merge", "sm-checksums"):
+        if name in summary and patched:
+            value = (summary[name]["median_cpu_s"] - fixed) / (patched / 1e9)
+            summary[name]["cpu_s_per_patched_gb"] = round(value, 3)
+            print(f"CPU-seconds per patched GB ({name}): {value:.2f} ({human(patched)} patched; median CPU s"
+                  f"{' less the startup median' if fixed else ''})")
+
+
 def table(summary: dict) -> str:
     lines = [f"{'command':<14} {'runs':>4} {'median wall s':>14} {'min..max s':>15} {'x cp':>7} {'peak RSS MiB':>13} "
              f"{'VmHWM MiB':>10} {'GB/s':>7} {'CPU s':>7}"]
@@ -407,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     base, adapter, info, made = make_inputs(workdir, args.size, args.hidden, args.intermediate, args.vocab, heads,
                                             kv_heads, args.shard_size, args.rank)
     base_bytes = dir_bytes(base)
+    patched = patched_bytes(base, adapter)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     q = shlex.quote
     commands = {
@@ -473,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, base_bytes)
     print()
     print(table(summary))
+    cpu_per_patched_gb(summary, patched)
     print(f"\nratios are medians against the median of `cp -r && sync` in this invocation; GB/s = base checkpoint "
           f"bytes / median wall; peak RSS = max over runs of the command tree's ru_maxrss (wait4 in a tiny wrapper)")
     print("commands ({out} is a fresh folder each run):")
