@@ -321,7 +321,7 @@ def _dry_run(cfg: MergeConfig, plan: MergePlan, base_src: Source, t0: float) -> 
     """The report of a merge that only plans: with OUT, the disk check too (DiskSpaceError, carrying this
     report, when a disk is short); nothing is written."""
     out = Path(cfg.output).expanduser() if cfg.output else None
-    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy)
+    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy, cfg.fresh)
     report = MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
                          peak_rss_bytes=peak_rss_bytes(), dry_run=True, disk=tuple(disks))
     short = next((d for d in disks if d.short), None)
