@@ -33,6 +33,20 @@ T = TypeVar("T")
 MAX_PENDING = 2  # with local_copy=False: shards waiting for upload before the merge waits for the uploader
 
 
+def _shard_op(path: Path, file: str, sha256: str) -> CommitOperationAdd:
+    """The upload of a shard whose sha256 the writer computed while writing it: the client then reads the file
+    only to send it (no second hashing pass); the Hub checks the bytes it receives against this sha256, so a
+    shard changed on disk since is refused, never stored under the wrong digest."""
+    op = CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(path))  # reads the size and 512 bytes
+    if getattr(op.upload_info, "is_hashed", True):  # an older client hashed it already: compare
+        if op.upload_info.sha256.hex() != sha256:
+            raise HubError(f"{file} changed on disk after it was written (sha256 differs from the journal)",
+                           file=str(path), fix="re-run the merge; the shard will be rewritten")
+    else:
+        op.upload_info.sha256 = bytes.fromhex(sha256)
+    return op
+
+
 class Pusher:
     """Uploads one output folder to `repo_id` (branch main)."""
 
@@ -53,6 +67,7 @@ class Pusher:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.on_upload: Callable[[str], None] | None = None  # progress: a shard is on the Hub
 
     @classmethod
     def open(cls, repo_id: str, out: Path, shard_files: Sequence[str], *, token: str | None = None,
@@ -73,6 +88,8 @@ class Pusher:
         """Queue a committed shard for upload (no-op when the repo already has these bytes)."""
         self.check()
         if self.pushed(file, sha256):
+            if self.on_upload is not None:
+                self.on_upload(file)
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
             return
@@ -118,11 +135,7 @@ class Pusher:
         files = [f for f, _ in batch]
         ops: list[Any] = []
         for file, sha in batch:
-            op = CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(self.out / file))
-            if op.upload_info.sha256.hex() != sha:
-                raise HubError(f"{file} changed on disk after it was written (sha256 differs from the journal)",
-                               file=str(self.out / file), fix="re-run the merge; the shard will be rewritten")
-            ops.append(op)
+            ops.append(_shard_op(self.out / file, file, sha))
         if self._delete_index:
             ops.append(CommitOperationDelete(path_in_repo=INDEX_NAME))
         what = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
@@ -132,6 +145,8 @@ class Pusher:
         for file, sha in batch:
             self.remote[file] = (sha, None)
             self.uploaded.append(file)
+            if self.on_upload is not None:
+                self.on_upload(file)
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
         log.info("pushed %s to %s", what, self.repo_id)
@@ -187,6 +202,8 @@ class Pusher:
 
     def _error_for(self, exc: BaseException, doing: str) -> BaseException:
         resume = "re-run the same command to resume the push"
+        if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, hf_errors.HfHubHTTPError):
+            exc = exc.__cause__  # an LFS upload refused, e.g. bytes that no longer match the recorded sha256
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, hf_errors.RepositoryNotFoundError) or status in (401, 403):
             tok = "this token" if self.token or get_token() else "no token"
