@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, "plan")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     v = sub.add_parser("verify", help="check an output folder against its record (exit 1 on a mismatch)",
-                       description="Check every shard's size (and sha256, when the merge recorded checksums) "
-                                   "against stream_merge.json and every header against the index. Shards without a "
-                                   "checksum are recomputed from the recorded inputs; --full recomputes every shard.")
+                       description="Check every shard's size and sha256 against stream_merge.json (reading each "
+                                   "shard once; the inputs are not needed) and every header against the index. "
+                                   "Shards without a recorded sha256 (older merges) are recomputed from the recorded "
+                                   "inputs; --full recomputes every shard and names the first differing tensor.")
     v.add_argument("output", metavar="OUT", help="a folder written by stream-merge merge")
     v.add_argument("--full", action="store_true", help="recompute all tensors from the recorded BASE and ADAPTERs")
+    v.add_argument("--quiet", action="store_true", help="no progress (the result is still printed)")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     f = sub.add_parser("finalize", help="after partitioned --worker runs: check every shard, write the index",
                        description="Check that every shard of a partitioned merge is finished and matches the "
@@ -272,9 +274,14 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .progress import Reporter
     from .verify import verify
 
-    report = verify(args.output, full=args.full)
+    reporter = Reporter(quiet=args.quiet)
+    try:
+        report = verify(args.output, full=args.full, progress=reporter)
+    finally:
+        reporter.close()
     for p in report.problems:
         print(f"mismatch: {p}", file=sys.stderr)
     if not report.ok:

@@ -34,7 +34,7 @@ from .locking import out_lock
 from .partition import parse_worker, split
 from .planner import PlanOptions, build_plan
 from .platform_support import check_platform, peak_rss_bytes
-from .progress import Progress
+from .progress import Progress, watch_downloads, watch_uploads
 from .records import MergePlan, MergeReport, ShardResult
 from .resume import (check_same_merge, fingerprint, inputs_record, journal_result, load_journal_or_record,
                      pending_shards, prepare_journal, read_record, shard_done)
@@ -142,6 +142,7 @@ class _MergeRun:
     journal: Journal | None = None
     pusher: Any = None
     done: dict[str, ShardResult] = field(default_factory=dict)
+    progress: bool | Progress = False
 
     def _finished(self) -> dict[str, ShardResult]:
         """This run's shards that an earlier run finished (checksummed now when a push needs the sha256)."""
@@ -179,6 +180,7 @@ class _MergeRun:
 
             self.pusher = Pusher.open(cfg.push_to_hub, out, [s.file for s in self.plan.shards], token=cfg.token,
                                       private=cfg.private, local_copy=cfg.local_copy)
+            watch_uploads(self.progress, self.pusher, self.plan, self.mine)
         self.done = self._finished()
         todo = [s.file for s in self.plan.shards if s.file in self.mine and s.file not in self.done]
         if self._complete_already(from_record):
@@ -207,7 +209,7 @@ class _MergeRun:
         cfg = self.cfg
         compute = Compute(device=self.device, block_bytes=cfg.block_size_mb * 1024 * 1024,
                           check_finite=cfg.check_finite, threads=compute_threads(self.device))
-        checksum = cfg.checksums or self.pusher is not None
+        checksum = True  # every shard's sha256, computed by the writer: the record, verify and the push use it
         assert self.journal is not None
         if not todo:
             return [self.done[s.file] for s in self.plan.shards if s.file in self.done]
@@ -218,6 +220,7 @@ class _MergeRun:
             on_done = (lambda res: pusher.submit(res.file, res.sha256)) if pusher is not None else None
             return merge_on_ray(self.plan, self.base_src.folder(), self.out, self.done, todo, compute, progress,
                                 None if cfg.ray == "local" else cfg.ray, checksum, on_done)
+        watch_downloads(progress, self.base_src, todo)
         with torch_settings():
             return merge_shards(self.plan, self.base_src, self.out, self.journal, self.done, compute, progress,
                                 cfg.prefetch, self.pusher, todo, checksum)
@@ -298,6 +301,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     job, complete, pending = None, False, []
     try:
         job = _start(cfg, plan, base_src, adapter_srcs, findings)
+        job.progress = progress
         with out_lock(job.out, cfg.worker):
             _remove_dead_leftovers(job.out)
             todo = job.prepare()
