@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import edit_json, run_cli
+from conftest import run_cli
 from stream_merge import cli
 from stream_merge.progress import PlainLines, Reporter
 from stream_merge.records import ShardResult
