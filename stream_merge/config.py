@@ -51,7 +51,9 @@ class MergeConfig:
                      help="output dtype of floating tensors (default auto: each tensor keeps the base's dtype); "
                           "integer and fp8 tensors are left alone")
     allow_pickle: bool = opt(False, coerce=o.flag, flags=("--allow-pickle",), record=True, fingerprint=True,
-                             help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
+                             help="accept PyTorch pickle weights: adapter_model.bin (torch.load(weights_only=True)) "
+                                  "and pytorch_model*.bin bases (parsed without running the pickle, read tensor by "
+                                  "tensor; the output is safetensors)")
     token: str | None = opt(None, coerce=o.string, flags=("--token",), repr=False, cli={"metavar": "TOKEN"},
                             help="Hugging Face token for gated or private repos (default: HF_TOKEN or the saved login)")
     output: str | None = opt(None, coerce=o.string, flags=("-o", "--output"), commands=("merge",), aliases=("out",),
@@ -71,8 +73,9 @@ class MergeConfig:
     check_finite: bool = opt(True, coerce=o.flag, flags=("--no-check-finite",), commands=("merge",), record=True,
                              fingerprint=True, help="skip the NaN/Inf check on merged tensors")
     checksums: bool = opt(False, coerce=o.flag, flags=("--checksums",), commands=("merge",),
-                          help="record the sha256 of every output shard in stream_merge.json (always on with "
-                               "--push-to-hub)")
+                          help="also record the sha256 of each local BASE file (one more read of the base), so "
+                               "a copied base is recognised by content on resume; the sha256 of every output shard "
+                               "is always recorded")
     prefetch: int = opt(1, coerce=o.whole_number(0, MAX_PREFETCH, "each shard fetched ahead is a whole base shard "
                                                  "on disk at once"),
                         flags=("--prefetch",), commands=("merge",), base_kind="hub", cli={"type": int, "metavar": "N"},
