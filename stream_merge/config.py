@@ -73,8 +73,9 @@ class MergeConfig:
     check_finite: bool = opt(True, coerce=o.flag, flags=("--no-check-finite",), commands=("merge",), record=True,
                              fingerprint=True, help="skip the NaN/Inf check on merged tensors")
     checksums: bool = opt(False, coerce=o.flag, flags=("--checksums",), commands=("merge",),
-                          help="record the sha256 of every output shard in stream_merge.json (always on with "
-                               "--push-to-hub)")
+                          help="also record the sha256 of each local BASE file (one more read of the base), so "
+                               "a copied base is recognised by content on resume; the sha256 of every output shard "
+                               "is always recorded")
     prefetch: int = opt(1, coerce=o.whole_number(0, MAX_PREFETCH, "each shard fetched ahead is a whole base shard "
                                                  "on disk at once"),
                         flags=("--prefetch",), commands=("merge",), base_kind="hub", cli={"type": int, "metavar": "N"},

@@ -14,7 +14,7 @@ sha is used for every file afterwards, so a branch that moves during a run canno
 - Cleanup by ownership: only files this source downloaded, and the partial files of the shards it downloads,
   are removed; the area's folders go once they are empty (another worker's files are never touched).
 - Integrity: every file we use is hashed and compared with the Hub's digest (huggingface_hub checks only
-  sizes); a mismatch is downloaded once more, then fails naming the file. Transient errors (dropped
+  sizes; shards are hashed while they download, `hub_follow`, so the check adds no time); a mismatch is downloaded once more, then fails naming the file. Transient errors (dropped
   connections, 5xx, timeouts) are retried by `hub_errors.call_with_retries`; every request has a timeout
   (`hub_http`).
 - HF_HUB_OFFLINE=1: the revision comes from the cache's refs, files from its snapshot, digests from the blob
@@ -41,7 +41,9 @@ from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
 from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revision, digest_matches,
                         drop_stale_partials, remember_ref, remote_file, remove_empty_area, repo_cache_dir, snapshot_dir)
 from .hub_errors import call_with_retries, hub_error, split_spec
+from .hub_follow import PartialFollower
 from .hub_http import install_timeouts, read_range
+from .progress import Arrivals
 from .records import BaseIndex, ShardHeader
 from .pickle_io import read_pickle_header
 from .safetensors_io import MAX_HEADER_BYTES, parse_header
@@ -58,6 +60,7 @@ T = TypeVar("T")
 
 HEADER_PROBE = 100_000          # first range read of a shard; larger headers take a second one
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
+FOLLOW_MIN = 1 << 20            # LFS files at least this big are hashed while they download
 BASE_CARD = "README.md"         # fetched with the small files: the output's card keeps its text and licence
 
 
@@ -83,6 +86,7 @@ class HubSource:
         self._futures: dict[str, Future[Path]] = {}
         self._ours: dict[str, Path] = {}  # shards we downloaded into download_dir: deleted on release
         self._queue: queue.Queue[tuple[str, Future[Path]] | None] | None = None
+        self.arrivals: Arrivals | None = None  # download progress (`progress.watch_downloads`)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -211,6 +215,10 @@ class HubSource:
         """Whether the shard can be read without downloading it (it is in the HF cache)."""
         return self._cached(file) is not None
 
+    def download_sizes(self, files: Sequence[str]) -> dict[str, int]:
+        """The shards among `files` that are not in the HF cache (to be downloaded), with their sizes."""
+        return {f: self.files[f].size for f in files if f in self.files and self._cached(f) is None}
+
     def prefetch(self, file: str) -> None:
         with self._lock:
             if file in self._futures:
@@ -331,9 +339,16 @@ class HubSource:
         entry = self.files[name]
         got = ""
         for attempt in range(2):
-            path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
-            ok, got = digest_matches(path, entry)
+            if entry.sha256 and entry.size >= FOLLOW_MIN:  # shards: hashed while they download
+                with PartialFollower(self._partials_dir(name, local_dir), entry) as follower:
+                    path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
+                    ok, got = follower.verdict(path)
+            else:
+                path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
+                ok, got = digest_matches(path, entry)
             if ok:
+                if self.arrivals is not None:
+                    self.arrivals.finish(name)
                 return path
             log.warning("%s from %s does not match the Hub's checksum (%s); downloading it again", name,
                         self.repo_id, got[:16])
@@ -348,10 +363,16 @@ class HubSource:
                        f"from the Hub's {kind} ({got[:16]}... instead of {want[:16]}...)", file=name,
                        fix="retry later; if it persists, the file or a proxy on the way is corrupt")
 
+    def _partials_dir(self, name: str, local_dir: Path | None) -> Path:
+        """Where huggingface_hub writes `name`'s partial file (see hub_cache's module docstring)."""
+        if local_dir is None:
+            return repo_cache_dir(self.repo_id) / "blobs"
+        return local_dir / HF_LOCAL_DIR_META / "download" / PurePosixPath(name).parent
+
     def _download(self, name: str, local_dir: Path | None, force: bool) -> Path:
         kwargs: dict[str, Any] = dict(revision=self.revision, token=self.token, force_download=force)
         if _quiet_bar is not None:
-            kwargs["tqdm_class"] = _quiet_bar
+            kwargs["tqdm_class"] = _quiet_bar if self.arrivals is None else self.arrivals.bar(name, _quiet_bar)
         if local_dir is not None:
             kwargs["local_dir"] = local_dir
         log.info("downloading %s from %s", name, self.repo_id)

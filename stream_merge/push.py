@@ -27,6 +27,7 @@ from .errors import HubError
 from .hub_cache import git_blob_sha1
 from .hub_errors import call_with_retries, is_transient, short_error
 from .hub_http import install_timeouts
+from .push_file import HashedAdd
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class Pusher:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.on_upload: Callable[[str], None] | None = None  # progress: a shard is on the Hub
 
     @classmethod
     def open(cls, repo_id: str, out: Path, shard_files: Sequence[str], *, token: str | None = None,
@@ -73,6 +75,8 @@ class Pusher:
         """Queue a committed shard for upload (no-op when the repo already has these bytes)."""
         self.check()
         if self.pushed(file, sha256):
+            if self.on_upload is not None:
+                self.on_upload(file)
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
             return
@@ -115,23 +119,28 @@ class Pusher:
                     self._cond.notify_all()
 
     def _commit_shards(self, batch: list[tuple[str, str]]) -> None:
+        """Upload the shards (their sha256 is the journal's: no pass over the file before the upload; the bytes
+        sent are hashed on the way and checked before the commit), then commit them in one commit."""
         files = [f for f, _ in batch]
-        ops: list[Any] = []
-        for file, sha in batch:
-            op = CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(self.out / file))
-            if op.upload_info.sha256.hex() != sha:
+        adds = [HashedAdd.known(file, self.out / file, sha) for file, sha in batch]
+        what = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        self._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=adds, free_memory=False),
+                   f"uploading {what}", retry=False)
+        for add, (file, sha) in zip(adds, batch):
+            if add.sent_sha256() not in (None, sha):
                 raise HubError(f"{file} changed on disk after it was written (sha256 differs from the journal)",
                                file=str(self.out / file), fix="re-run the merge; the shard will be rewritten")
-            ops.append(op)
+        ops: list[Any] = list(adds)
         if self._delete_index:
             ops.append(CommitOperationDelete(path_in_repo=INDEX_NAME))
-        what = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         self._call(lambda: self.api.create_commit(self.repo_id, ops, commit_message=f"stream-merge: upload {what}"),
-                   f"uploading {what}", retry=False)
+                   f"committing {what}", retry=False)
         self._delete_index = False
         for file, sha in batch:
             self.remote[file] = (sha, None)
             self.uploaded.append(file)
+            if self.on_upload is not None:
+                self.on_upload(file)
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
         log.info("pushed %s to %s", what, self.repo_id)
@@ -187,6 +196,8 @@ class Pusher:
 
     def _error_for(self, exc: BaseException, doing: str) -> BaseException:
         resume = "re-run the same command to resume the push"
+        if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, hf_errors.HfHubHTTPError):
+            exc = exc.__cause__  # an LFS upload refused, e.g. bytes that no longer match the recorded sha256
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, hf_errors.RepositoryNotFoundError) or status in (401, 403):
             tok = "this token" if self.token or get_token() else "no token"

@@ -388,6 +388,7 @@ class MergeReport:
     dry_run: bool = False
     resumed_shards: int = 0
     pending: tuple[str, ...] = ()  # shards other workers still have to finish (partitioned runs)
+    disk: tuple[Any, ...] = ()  # a dry run's plan_report.DiskNeed per file system: needed and free bytes
 
     @property
     def bytes_written(self) -> int:
