@@ -9,6 +9,7 @@ collected, not raised, so that the user sees all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 from .keymap import ParsedKey, TargetResolver, parse_key, targeted_params
@@ -226,13 +227,31 @@ def _shard_tensors(state: PlanState, header: ShardHeader, added: Sequence[Tensor
     return tensor_plans
 
 
+def _safetensors_header_size(shard: ShardPlan) -> int:
+    """Bytes of the safetensors header `pipeline.out_header` builds for `shard` (compact JSON, 8-aligned)."""
+    offsets, pos = {}, 0
+    for t in shard.data_order:
+        offsets[t.name] = [pos, pos + t.out_nbytes]
+        pos += t.out_nbytes
+    obj: dict[str, object] = {"__metadata__": dict(shard.metadata)} if shard.metadata else {}
+    for t in shard.tensors:
+        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets[t.name]}
+    n = len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return 8 + n + (-n % 8)
+
+
 def _base_shard_plan(h: ShardHeader, tensor_plans: Sequence[TensorPlan]) -> ShardPlan:
-    """The output shard of the base's own layout: base shard `h` under its own name, tensors in its order."""
+    """The output shard of the base's own layout: base shard `h` under its own name (a PyTorch .bin shard:
+    its safetensors name, `ShardHeader.output_name`), tensors in its order."""
     tensors = tuple(dataclasses.replace(p, source_file=h.file) for p in tensor_plans)
-    return ShardPlan(file=h.file, tensors=tensors, in_bytes=h.size, metadata=h.metadata,
-                     header_unchanged=len(tensors) == len(h.tensors) and all(
+    plan = ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size, metadata=h.metadata,
+                     header_unchanged=h.safetensors and len(tensors) == len(h.tensors) and all(
                          (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
                          for p in tensors))
+    if h.safetensors:
+        return plan
+    # a .bin shard's output costs its safetensors header and the tensors it reads, not the zip's size
+    return dataclasses.replace(plan, in_bytes=_safetensors_header_size(plan) + sum(t.source.nbytes for t in tensors))
 
 
 def _check_resized_vocab(state: PlanState, vocab: int | None) -> None:
