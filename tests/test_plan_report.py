@@ -257,3 +257,18 @@ def test_dry_run_of_a_hub_base_counts_the_download_area(hub, pair: tuple[Path, P
     assert "base shards downloaded at once" in totals and r.stdout.splitlines()[-1].startswith("verdict: OK")
     reads = [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith(".safetensors")]
     assert reads and all(q.range is not None for q in reads) and not out.exists()  # headers only
+
+
+def test_strict_refusal_is_the_verdict(pair: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    base, adapter = pair
+    config = json.loads((base / "config.json").read_text())
+    (adapter / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 9}))
+    want = f"verdict: WILL FAIL — adapter {adapter} was trained on another model than BASE: num_hidden_layers 9"
+    for argv in (["plan", base, adapter, "--strict"],
+                 ["merge", base, adapter, "-o", tmp_path / "out", "--dry-run", "--strict"]):
+        code, lines, err = _main(capsys, *argv)
+        assert code == 2 and lines[-1].startswith(want), lines[-3:]
+        assert err.startswith("error: adapter ") and err.count("\n") == 1 and "drop --strict" in err, err
+        assert not (tmp_path / "out").exists()
+    code, lines, _ = _main(capsys, "plan", base, adapter, "--strict", "--json")
+    assert code == 2 and json.loads("\n".join(lines))["verdict"].startswith(want)
