@@ -200,7 +200,8 @@ class _MergeRun:
                 self.journal.record(out, f, entry)
         for f in todo:
             self.journal.forget(out, f)
-        _check_disk(out, self.plan, todo, self.base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
+        inputs = list(dict.fromkeys(b for s in self.plan.shards if s.file in todo for b in s.inputs))
+        _check_disk(out, self.plan, todo, self.base_src.disk_need(inputs, cfg.prefetch), keep_outputs=cfg.local_copy)
         if self.pusher is not None:
             for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
                 self.pusher.submit(r.file, r.sha256)
