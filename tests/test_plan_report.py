@@ -71,7 +71,7 @@ def test_plan_need_of_a_hub_base_adds_the_downloaded_shards(pair: tuple[Path, Pa
     local, hub = planned_need(plan, files, False, 1), planned_need(plan, files, True, 1)
     sizes = output_sizes(plan)
     assert local.need == sum(sizes.values()) + max(sizes.values()) and local.downloads == 0
-    two = sorted((s.in_bytes for s in plan.shards), reverse=True)[:2]
+    two = sorted((h.size for h in plan.base.shards), reverse=True)[:2]
     assert hub.downloads == sum(two) and hub.need == local.need + sum(two)
 
 
@@ -237,7 +237,7 @@ def test_dry_run_of_a_hub_base_counts_the_download_area(hub, pair: tuple[Path, P
     base, adapter = pair
     hub.add_commit("org/base", {p.name: p for p in base.iterdir()})
     plan = stream_merge.plan(str(base), str(adapter))
-    sizes = sorted((s.in_bytes for s in plan.shards), reverse=True)
+    sizes = sorted((h.size for h in plan.base.shards), reverse=True)
     out = tmp_path / "out"
     code = ("import json, sys, stream_merge\n"
             "r = stream_merge.merge('org/base', sys.argv[1], sys.argv[2], dry_run=True, **json.loads(sys.argv[3]))\n"
