@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DiskSpaceError, StreamMergeError
-from .plan_report import DiskNeed, base_inputs, gib, output_sizes, planned_need
+from .plan_report import DiskNeed, gib, output_sizes, planned_need
 from .records import MergePlan
 from .resume import load_journal_or_record, shard_done
 from .sources import Source
@@ -81,4 +81,4 @@ def planned_disks(plan: MergePlan, base_src: Source, out: Path | None, mine: set
         return [planned_need(plan, [s.file for s in plan.shards if s.file in mine], base_src.kind == "hub", prefetch)]
     done = set() if fresh else _finished(out, mine, local_copy)
     todo = [s.file for s in plan.shards if s.file in mine and s.file not in done]
-    return disk_needs(out, plan, todo, base_src.disk_need(base_inputs(plan, todo), prefetch), local_copy)
+    return disk_needs(out, plan, todo, base_src.disk_need(plan.inputs_of(todo), prefetch), local_copy)

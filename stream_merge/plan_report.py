@@ -128,19 +128,13 @@ def problem_lines(problems: Sequence[str], plan: MergePlan | None, cap: int = PR
     return ([f"diagnosis: {diag}"] if diag else []) + capped(problems, cap)
 
 
-def base_inputs(plan: MergePlan, files: Sequence[str]) -> list[str]:
-    """The base shards that output shards `files` read (what a Hub base downloads for them)."""
-    wanted = set(files)
-    return list(dict.fromkeys(b for s in plan.shards if s.file in wanted for b in s.inputs))
-
-
 def planned_need(plan: MergePlan, files: Sequence[str], hub_base: bool, prefetch: int) -> DiskNeed:
     """The disk a merge of `files` needs when OUT is not known (`plan`): the output plus one shard of headroom,
     and for a Hub base the (prefetch + 1) biggest base shards downloaded at once; free space unknown."""
     sizes = output_sizes(plan)
     need = sum(sizes[f] for f in files) + max(sizes.values(), default=0)
     base_sizes = {h.file: h.size for h in plan.base.shards}
-    inputs = base_inputs(plan, files) if hub_base else []
+    inputs = plan.inputs_of(files) if hub_base else []
     fetched = sum(sorted((base_sizes[f] for f in inputs), reverse=True)[:prefetch + 1])
     return DiskNeed("", need + fetched, fetched)
 

@@ -17,6 +17,7 @@ from .model_config import config_value
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns
 from .plan_dtype import dtype_updates, out_dtype
 from .plan_fp8 import DROP, fp8_tensor_plan, is_fp8_scale, read_quantization
+from .plan_layout import OUT_METADATA, reshard
 from .plan_modules import plan_module
 from .plan_params import plan_param
 from .plan_state import PlanOptions, PlanState
@@ -227,10 +228,12 @@ def _shard_tensors(state: PlanState, header: ShardHeader, added: Sequence[Tensor
 
 
 def _base_shard_plan(h: ShardHeader, tensor_plans: Sequence[TensorPlan]) -> ShardPlan:
-    """The output shard of the base's own layout: base shard `h` under its own name, tensors in its order."""
+    """The output shard of the base's own layout: base shard `h` under its own name (a PyTorch `.bin` under
+    the safetensors name transformers gives it), tensors in its order."""
     tensors = tuple(dataclasses.replace(p, source_file=h.file) for p in tensor_plans)
-    return ShardPlan(file=h.file, tensors=tensors, in_bytes=h.size, metadata=h.metadata,
-                     header_unchanged=len(tensors) == len(h.tensors) and all(
+    return ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size,
+                     metadata=h.metadata if h.safetensors else OUT_METADATA,
+                     header_unchanged=h.safetensors and len(tensors) == len(h.tensors) and all(
                          (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
                          for p in tensors))
 
@@ -278,6 +281,8 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
     if options.dtype != "auto":
         dtype_updates(state)
     shards = tuple(_base_shard_plan(h, _shard_tensors(state, h, added)) for h in base.shards)
+    if options.max_shard_size is not None:
+        shards = reshard(shards, options.max_shard_size)
     return MergePlan(base=base, adapters=tuple(adapters), shards=shards, mapping=tuple(state.mapping),
                      config_updates=dict(state.config_updates), warnings=tuple(state.warnings),
                      problems=tuple(state.problems))

@@ -23,6 +23,13 @@ WIDE = LlamaShape(hidden=64, intermediate=48, layers=2, vocab=64, heads=4, kv_he
 DEEP = LlamaShape(hidden=32, intermediate=48, layers=4, vocab=64, heads=4, kv_heads=2)
 
 
+@pytest.fixture(autouse=True)
+def _no_env_leak(monkeypatch) -> None:
+    """cli.main in-process sets HF_HUB_DISABLE_PROGRESS_BARS when stderr is no terminal; later tests of the
+    same process (huggingface_hub's bars, tests/test_progress.py) must not inherit it."""
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+
+
 def _main(capsys, *argv: object) -> tuple[int, list[str], str]:
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -272,3 +279,20 @@ def test_strict_refusal_is_the_verdict(pair: tuple[Path, Path], tmp_path: Path, 
         assert not (tmp_path / "out").exists()
     code, lines, _ = _main(capsys, "plan", base, adapter, "--strict", "--json")
     assert code == 2 and json.loads("\n".join(lines))["verdict"].startswith(want)
+
+
+def test_dry_run_with_max_shard_size_counts_the_output_shards(pair: tuple[Path, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    base, adapter = pair
+    out = tmp_path / "out"
+    report = stream_merge.merge(str(base), str(adapter), str(out), dry_run=True, max_shard_size="16KB")
+    n = len(report.plan.shards)
+    assert 1 < n < len(report.plan.base.shards)  # joined into fewer, bigger output shards
+    sizes = output_sizes(report.plan)
+    files = {p.name for p in base.glob("*.safetensors")}
+    assert not files & set(sizes)
+    assert report.disk[0].need == sum(sizes.values()) + max(sizes.values())
+    code, lines, err = _main(capsys, "merge", base, adapter, "-o", out, "--dry-run", "--max-shard-size", "16KB")
+    assert code == 0, err
+    assert lines[-2].startswith(f"totals: {n} shards, ") and lines[-1].startswith("verdict: OK — 1 adapter")
+    assert not out.exists()
