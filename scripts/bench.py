@@ -7,6 +7,10 @@ about --size bytes and a rank --rank LoRA adapter on q/k/v/o/gate/up/down, then 
     cp -r BASE DEST && sync                                                   (the floor)
     stream-merge merge BASE ADAPTER -o DEST --device DEV --quiet && sync
     ... the same with --checksums                                             (--checksums)
+    ... the same with the output digest forced on, and forced off             (--digest-cost: what hashing
+                                                                               every output byte while writing costs)
+    stream-merge verify OUT, and verify OUT --full                            (--verify: on one output merged
+                                                                               before the rounds)
     python -c 'import stream_merge.runner'                                    (--startup: Python + torch import,
                                                                                the floor of any torch-based tool)
     python scripts/bench.py --peft-child BASE ADAPTER DEST && sync            (--peft: transformers + PEFT
@@ -21,6 +25,7 @@ GB/s of base checkpoint) with the machine and the exact commands, and writes JSO
 
     python scripts/bench.py [--size 4.5GB] [--hidden 4096 --intermediate 11008 --vocab 32000] [--shard-size 2GB]
                             [--rank 16] [--repeats 3] [--peft] [--checksums] [--startup] [--device cpu|cuda]
+                            [--digest-cost] [--verify]
                             [--workdir DIR]
                             [--json OUT.json] [--keep]
 
@@ -252,6 +257,21 @@ def stream_merge_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "stream_merge"]
 
 
+# `stream-merge` with the sha256 of output shards forced on or off (DIGEST is True or False): what hashing every
+# output byte while writing costs, measured in one invocation whatever the engine's default. Small files (index,
+# record) keep their digest; only the shard writer's hashing changes.
+DIGEST_LAUNCHER = (
+    "import sys; import stream_merge.fileio as f; init = f.AtomicFile.__init__; "
+    "f.AtomicFile.__init__ = lambda s, final, digest=True, direct=False: init(s, final, "
+    "DIGEST if str(final).endswith('.safetensors') else digest, direct); "
+    "sys.argv[0] = 'stream-merge'; from stream_merge.cli import entry; entry()")
+
+
+def digest_cmd(on: bool) -> list[str]:
+    """`python -c LAUNCHER` running the stream-merge CLI with the shard digest forced `on` (or off)."""
+    return [sys.executable, "-c", DIGEST_LAUNCHER.replace("DIGEST", str(on))]
+
+
 def make_inputs(workdir: Path, size: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
                 shard_bytes: int, rank: int, dtype: str = "BF16", alpha: float | None = None,
                 quiet: bool = False) -> tuple[Path, Path, dict, bool]:
@@ -350,6 +370,30 @@ def summarize(runs: list[dict], base_bytes: int) -> dict:
     return out
 
 
+def patched_bytes(base: Path, adapter: Path) -> int | None:
+    """Bytes of the base tensors the merge patches (from its plan), or None if it cannot be planned here."""
+    try:
+        import stream_merge
+
+        plan = stream_merge.plan(str(base), str(adapter))
+        return sum(t.source.end - t.source.start for s in plan.shards for t in s.touched)
+    except Exception as exc:  # noqa: BLE001 - a report line, not the benchmark
+        print(f"patched bytes: not computed ({exc})", file=sys.stderr)
+        return None
+
+
+def cpu_per_patched_gb(summary: dict, patched: int | None) -> None:
+    """Add and print the merge's CPU-seconds per GB of patched tensors: the command's median CPU time (user +
+    sys) less the `startup` command's (Python + torch import) when measured, over the bytes the plan patches."""
+    fixed = summary["startup"]["median_cpu_s"] if "startup" in summary else 0.0
+    for name in ("stream-merge", "sm-checksums"):
+        if name in summary and patched:
+            value = (summary[name]["median_cpu_s"] - fixed) / (patched / 1e9)
+            summary[name]["cpu_s_per_patched_gb"] = round(value, 3)
+            print(f"CPU-seconds per patched GB ({name}): {value:.2f} ({human(patched)} patched; median CPU s"
+                  f"{' less the startup median' if fixed else ''})")
+
+
 def table(summary: dict) -> str:
     lines = [f"{'command':<14} {'runs':>4} {'median wall s':>14} {'min..max s':>15} {'x cp':>7} {'peak RSS MiB':>13} "
              f"{'VmHWM MiB':>10} {'GB/s':>7} {'CPU s':>7}"]
@@ -375,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peft", action="store_true", help="also run the transformers+PEFT baseline (CPU)")
     ap.add_argument("--checksums", action="store_true", help="also run stream-merge --checksums (sha256 of every byte)")
+    ap.add_argument("--digest-cost", action="store_true",
+                    help="also run the merge with the output shards' sha256 forced on and forced off")
+    ap.add_argument("--verify", action="store_true",
+                    help="also run `verify OUT` and `verify OUT --full` on an output merged before the rounds")
     ap.add_argument("--startup", action="store_true",
                     help="also run the fixed cost of any torch-based merge: start Python and import stream_merge.runner")
     ap.add_argument("--device", default="cpu", help="stream-merge --device (cpu, cuda, cuda:N, auto)")
@@ -407,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     base, adapter, info, made = make_inputs(workdir, args.size, args.hidden, args.intermediate, args.vocab, heads,
                                             kv_heads, args.shard_size, args.rank)
     base_bytes = dir_bytes(base)
+    patched = patched_bytes(base, adapter)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     q = shlex.quote
     commands = {
@@ -416,6 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.checksums:
         commands["sm-checksums"] = commands["stream-merge"].replace(" --quiet", " --quiet --checksums")
+    merge_args = f" merge {q(str(base))} {q(str(adapter))} -o {{out}} --device {q(args.device)} --quiet && sync"
+    if args.digest_cost:
+        commands["sm-digest"] = " ".join(q(a) for a in digest_cmd(True)) + merge_args
+        commands["sm-no-digest"] = " ".join(q(a) for a in digest_cmd(False)) + merge_args
+    verified = scratch / "verified"
+    if args.verify:
+        print("merging once for --verify ...", flush=True)
+        made_out = measure(commands["stream-merge"].format(out=q(str(verified))), log=scratch / "verified.log")
+        if made_out["rc"] != 0:
+            raise SystemExit(f"the merge for --verify failed:\n{tail(scratch / 'verified.log')}")
+        sm = " ".join(q(a) for a in stream_merge_cmd())
+        commands["verify"] = f"{sm} verify {q(str(verified))} --quiet && mkdir {{out}}"
+        commands["verify-full"] = f"{sm} verify {q(str(verified))} --full --quiet && mkdir {{out}}"
     if args.startup:
         commands["startup"] = f"{q(sys.executable)} -c 'import stream_merge.runner' && mkdir {{out}}"
     if args.peft:
@@ -452,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r["rc"] != 0:
                     failed = (name, r["rc"], tail(log))
                     break
-                if name not in ("cp", "startup") and not (dest / "model.safetensors.index.json").exists() and \
+                if name not in ("cp", "startup", "verify", "verify-full") and not (dest / "model.safetensors.index.json").exists() and \
                         not (dest / "model.safetensors").exists():
                     failed = (name, "no checkpoint in the output", tail(log))
                     break
@@ -473,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, base_bytes)
     print()
     print(table(summary))
+    cpu_per_patched_gb(summary, patched)
     print(f"\nratios are medians against the median of `cp -r && sync` in this invocation; GB/s = base checkpoint "
           f"bytes / median wall; peak RSS = max over runs of the command tree's ru_maxrss (wait4 in a tiny wrapper)")
     print("commands ({out} is a fresh folder each run):")

@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, "plan")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     v = sub.add_parser("verify", help="check an output folder against its record (exit 1 on a mismatch)",
-                       description="Check every shard's size (and sha256, when the merge recorded checksums) "
-                                   "against stream_merge.json and every header against the index. Shards without a "
-                                   "checksum are recomputed from the recorded inputs; --full recomputes every shard.")
+                       description="Check every shard's size and sha256 against stream_merge.json (reading each "
+                                   "shard once; the inputs are not needed) and every header against the index. "
+                                   "Shards without a recorded sha256 (older merges) are recomputed from the recorded "
+                                   "inputs; --full recomputes every shard and names the first differing tensor.")
     v.add_argument("output", metavar="OUT", help="a folder written by stream-merge merge")
     v.add_argument("--full", action="store_true", help="recompute all tensors from the recorded BASE and ADAPTERs")
+    v.add_argument("--quiet", action="store_true", help="no progress (the result is still printed)")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     f = sub.add_parser("finalize", help="after partitioned --worker runs: check every shard, write the index",
                        description="Check that every shard of a partitioned merge is finished and matches the "
@@ -107,12 +109,15 @@ def _config(args: argparse.Namespace) -> Any:
     return build_config(load_yaml(args.config) if args.config else None, **given)
 
 
-def _print_plan(plan: Any, disks: Any, warnings: Sequence[str] | None = None, notes: Sequence[str] = ()) -> None:
-    """The plan with its totals and, last, its verdict (plan_report); `disks` None: not computed."""
+def _print_plan(plan: Any, disks: Any, warnings: Sequence[str] | None = None, notes: Sequence[str] = (),
+                quiet: bool = False) -> None:
+    """The plan with its totals and, last, its verdict (plan_report); `disks` None: not computed. `quiet`
+    (merge --dry-run --quiet): only the warnings, the notes, the totals and the verdict."""
     from .plan_report import report_lines
 
     for line in report_lines(plan, disks, warnings, notes):
-        print(line)
+        if not quiet or line.startswith(("warning:", *notes, "totals:", "verdict:")):
+            print(line)
 
 
 def _print_json(plan: Any, disks: Any, warnings: Sequence[str] | None = None) -> None:
@@ -215,24 +220,16 @@ def _dry_run(cfg: Any, quiet: bool) -> int:
     with _HeldWarnings() as held:
         try:
             report = run(cfg)
-        except (PlanError, DiskSpaceError) as exc:
-            shown = getattr(exc, "plan", None) or getattr(getattr(exc, "report", None), "plan", None)
-            if shown is not None:
-                disks = exc.report.disk if isinstance(exc, DiskSpaceError) else None
-                _print_dry_run(shown, disks, held.messages if disks is not None else None, quiet, note)
+        except PlanError as exc:
+            if exc.plan is not None:
+                _print_plan(exc.plan, None, notes=note, quiet=quiet)
             raise
-    _print_dry_run(report.plan, report.disk, held.messages, quiet, ["dry run: plan is valid, nothing written"])
+        except DiskSpaceError as exc:
+            if exc.report is not None:
+                _print_plan(exc.report.plan, exc.report.disk, held.messages, note, quiet)
+            raise
+    _print_plan(report.plan, report.disk, held.messages, ["dry run: plan is valid, nothing written"], quiet)
     return 0
-
-
-def _print_dry_run(plan: Any, disks: Any, warnings: Sequence[str] | None, quiet: bool, notes: Sequence[str]) -> None:
-    from .plan_report import report_lines
-
-    lines = report_lines(plan, disks, warnings, notes)
-    if quiet:
-        lines = [ln for ln in lines if ln.startswith(("warning:", "dry run:", "totals:", "verdict:"))]
-    for line in lines:
-        print(line)
 
 
 def _summary(cfg: Any, report: Any, reporter: Any, warnings: Sequence[str], quiet: bool) -> None:
@@ -277,9 +274,14 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .progress import Reporter
     from .verify import verify
 
-    report = verify(args.output, full=args.full)
+    reporter = Reporter(quiet=args.quiet)
+    try:
+        report = verify(args.output, full=args.full, progress=reporter)
+    finally:
+        reporter.close()
     for p in report.problems:
         print(f"mismatch: {p}", file=sys.stderr)
     if not report.ok:

@@ -102,10 +102,11 @@ def torch_settings() -> Iterator[None]:
 
 
 def compute_threads(device: torch.device) -> int:
-    """Jobs to run at once: one per usable core on CPU (at most 8: past that the writer is the limit), one
-    on a GPU (it is fed from one thread)."""
+    """Jobs to run at once: one per usable core on CPU (at most 8: past that the writer is the limit); two on
+    a GPU (each tensor's blocks go through their own staging ring and streams (cuda_pipeline), so the next
+    tensor's first blocks are copied in while this one's last blocks are merged and copied back)."""
     if device.type != "cpu":
-        return 1
+        return 2
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -18,7 +18,8 @@ import os
 import secrets
 import socket
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -145,22 +146,30 @@ def file_note(path: Path, key: str) -> bytes | None:
         return None
 
 
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    """sha256 of a file, read in chunks into one reused buffer."""
+def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024, on_bytes: Callable[[int], None] | None = None) -> str:
+    """sha256 of a file, read in chunks into one reused buffer; `on_bytes(n)` after each chunk (progress)."""
     h = hashlib.sha256()
     buf = bytearray(chunk)
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(mv):
             h.update(mv[:n])
+            if on_bytes is not None:
+                on_bytes(n)
     return h.hexdigest()
+
+
+HASH_THREAD_MIN = 1 << 20  # writes this big are hashed on a thread of their own while the bytes go to disk
 
 
 class AtomicFile:
     """Write a file through a temp file in the same folder; `commit` fsyncs and renames it into place.
 
     The size (and with `digest`, the sha256) of everything written is tracked, so nothing re-reads the
-    output. Leaving the context without commit removes the temp file: the object that created it owns it.
+    output. A large write is hashed on a second thread while the same bytes are copied to the disk (hashlib
+    and the sink release the GIL), so the digest costs the writer little beyond what the disk already makes
+    it wait; `write` returns once both are done, so the caller may reuse its buffer. Leaving the context
+    without commit removes the temp file: the object that created it owns it.
     """
 
     def __init__(self, final: Path, digest: bool = True, direct: bool = False) -> None:
@@ -170,6 +179,7 @@ class AtomicFile:
         self.hash = hashlib.sha256() if digest else None
         self.size = 0
         self._f: Any = None  # created by __enter__ or the first write, so an interrupt cannot strand it
+        self._hasher: ThreadPoolExecutor | None = None
 
     def _open(self) -> None:
         try:
@@ -187,13 +197,22 @@ class AtomicFile:
         if self._f is None:
             self._open()
         mv = memoryview(data).cast("B")
+        hashing: Future[None] | None = None
         if self.hash is not None:
-            self.hash.update(mv)
+            if mv.nbytes >= HASH_THREAD_MIN:
+                if self._hasher is None:
+                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-merge-hash")
+                hashing = self._hasher.submit(self.hash.update, mv)
+            else:
+                self.hash.update(mv)
         self.size += mv.nbytes
         try:
             self._f.write(mv)
         except OSError as exc:
             raise self._write_error(exc) from None
+        finally:
+            if hashing is not None:
+                hashing.result()  # the caller may reuse `data` once it is hashed and written
 
     def _write_error(self, exc: OSError) -> OutputError:
         hint = {errno.ENOSPC: "free disk space (or choose another -o), then re-run to resume",
@@ -206,10 +225,16 @@ class AtomicFile:
     def hexdigest(self) -> str | None:
         return self.hash.hexdigest() if self.hash is not None else None
 
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
+
     def commit(self) -> tuple[int, str | None]:
         """fsync the temp file, rename it to the final name, fsync the folder; returns (size, sha256)."""
         if self._f is None:
             self._open()
+        self._stop_hasher()
         try:
             self._f.finish()
             os.fsync(self._f.fileno())
@@ -222,6 +247,7 @@ class AtomicFile:
 
     def abort(self) -> None:
         """Close and remove the temp file (idempotent)."""
+        self._stop_hasher()
         try:
             if self._f is not None:
                 self._f.close()

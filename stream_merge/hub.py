@@ -43,6 +43,7 @@ from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revi
 from .hub_errors import call_with_retries, hub_error, split_spec
 from .hub_follow import PartialFollower
 from .hub_http import install_timeouts, read_range
+from .progress import Arrivals
 from .records import BaseIndex, ShardHeader
 from .pickle_io import read_pickle_header
 from .safetensors_io import MAX_HEADER_BYTES, parse_header
@@ -85,6 +86,7 @@ class HubSource:
         self._futures: dict[str, Future[Path]] = {}
         self._ours: dict[str, Path] = {}  # shards we downloaded into download_dir: deleted on release
         self._queue: queue.Queue[tuple[str, Future[Path]] | None] | None = None
+        self.arrivals: Arrivals | None = None  # download progress (`progress.watch_downloads`)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -212,6 +214,10 @@ class HubSource:
     def available(self, file: str) -> bool:
         """Whether the shard can be read without downloading it (it is in the HF cache)."""
         return self._cached(file) is not None
+
+    def download_sizes(self, files: Sequence[str]) -> dict[str, int]:
+        """The shards among `files` that are not in the HF cache (to be downloaded), with their sizes."""
+        return {f: self.files[f].size for f in files if f in self.files and self._cached(f) is None}
 
     def prefetch(self, file: str) -> None:
         with self._lock:
@@ -341,6 +347,8 @@ class HubSource:
                 path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
                 ok, got = digest_matches(path, entry)
             if ok:
+                if self.arrivals is not None:
+                    self.arrivals.finish(name)
                 return path
             log.warning("%s from %s does not match the Hub's checksum (%s); downloading it again", name,
                         self.repo_id, got[:16])
@@ -364,7 +372,7 @@ class HubSource:
     def _download(self, name: str, local_dir: Path | None, force: bool) -> Path:
         kwargs: dict[str, Any] = dict(revision=self.revision, token=self.token, force_download=force)
         if _quiet_bar is not None:
-            kwargs["tqdm_class"] = _quiet_bar
+            kwargs["tqdm_class"] = _quiet_bar if self.arrivals is None else self.arrivals.bar(name, _quiet_bar)
         if local_dir is not None:
             kwargs["local_dir"] = local_dir
         log.info("downloading %s from %s", name, self.repo_id)

@@ -1,20 +1,24 @@
-"""Progress of a merge, for a terminal and for logs.
+"""Progress of a merge and of verify, for a terminal and for logs.
 
-On a terminal: one tqdm bar per phase. Elsewhere (Slurm, Kubernetes, nohup, CI), where a bar's carriage
-returns and escape codes would fill a log: one plain line per finished shard and at most one line every
-`interval` seconds in between, each with the phase, GiB done of the total, the rate and an ETA. The runner
-reports through `progress_callback(plan, wanted, progress)`; a `Reporter` passed as `progress` also counts
-what this run wrote, for the summary.
+Phases: `download` (Hub base shards, bytes as they arrive), `merge` (bytes written), `upload` (each shard
+pushed to the Hub) and `verify` (bytes hashed or recomputed). Several run at once (a download ahead of the
+merge, an upload behind it), each with its own bar on a terminal (huggingface_hub's bars are switched off
+meanwhile, so no two bars fight), and elsewhere (Slurm, Kubernetes, nohup, CI), where carriage returns and
+escape codes would fill a log, its own plain lines: one per finished shard and at most one every `interval`
+seconds in between, each with the phase, GiB done of the total, the rate and an ETA. Sizes are GiB (and
+MiB/s) everywhere. The runner reports through `progress_callback(plan, wanted, progress)` and the
+`watch_*` hooks; a `Reporter` passed as `progress` also counts what this run merged, for the summary.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from .records import MergePlan
+from .records import MergePlan, ShardPlan
 
 Progress = Callable[[int, str], None]
 GIB = 2**30
@@ -76,9 +80,27 @@ class PlainLines:
         self._finish_current()
 
 
+BAR_FORMAT = ("{desc}: {percentage:3.0f}%|{bar:20}| {done_gib:.2f} / {total_gib:.2f} GiB "
+              "[{elapsed}<{remaining}, {rate_mib:.1f} MiB/s{postfix}]")  # the units of the plain lines
+
+
+def _bar(phase: str, total: int, stream: TextIO, position: int) -> Any:
+    """A tqdm bar for one phase that counts bytes and shows them in GiB and MiB/s, like the plain lines."""
+    from tqdm import tqdm
+
+    class _GiBBar(tqdm):  # type: ignore[misc, type-arg]
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            d = super().format_dict
+            rate = d["rate"] or (d["n"] / d["elapsed"] if d["elapsed"] else 0.0)
+            return {**d, "done_gib": d["n"] / GIB, "total_gib": (d["total"] or 0) / GIB, "rate_mib": rate / MIB}
+
+    return _GiBBar(total=total, desc=phase, leave=False, file=stream, position=position, bar_format=BAR_FORMAT)
+
+
 class Reporter:
-    """What the CLI passes as `progress`: shows progress (a bar on a terminal, plain lines elsewhere, nothing
-    when quiet) and remembers what this run merged, for the summary."""
+    """What the CLI passes as `progress`: shows each phase (a bar on a terminal, plain lines elsewhere, nothing
+    when quiet) and remembers what this run merged, for the summary. Calling it reports the merge phase."""
 
     def __init__(self, quiet: bool = False, stream: TextIO | None = None, interval: float = 30.0) -> None:
         self.quiet = quiet
@@ -86,35 +108,65 @@ class Reporter:
         self.interval = interval
         self.bytes_done = 0
         self.labels: set[str] = set()
-        self._show: Progress | None = None
-        self._bar: Any = None
+        self._phases: dict[str, Any] = {}  # phase -> its tqdm bar or PlainLines
+        self._lock = threading.Lock()  # phases report from several threads (writer, download, upload)
+        self._hf_bars_off = False  # whether we switched huggingface_hub's bars off (and so turn them back on)
 
-    def start(self, phase: str, shard_bytes: dict[str, int]) -> None:
-        """A phase begins over these shards (file -> bytes to write)."""
-        self.close()
-        if self.quiet:
-            return
-        if self.stream.isatty():
-            from tqdm import tqdm
+    def start(self, phase: str, shard_bytes: dict[str, int]) -> Progress:
+        """A phase begins (again) over these labels (shard file -> bytes); returns its callback(bytes, label).
+        Other phases keep running."""
+        self.stop(phase)
+        if not self.quiet:
+            with self._lock:
+                if self.stream.isatty():
+                    self._hf_bars(False)
+                    self._phases[phase] = _bar(phase, sum(shard_bytes.values()), self.stream, len(self._phases))
+                else:
+                    self._phases[phase] = PlainLines(phase, shard_bytes, self.stream, self.interval)
+        return lambda n, label: self._show(phase, n, label)
 
-            bar = tqdm(total=sum(shard_bytes.values()), unit="B", unit_scale=True, unit_divisor=1024, desc=phase,
-                       leave=False, file=self.stream)
-            self._bar = bar
-            self._show = lambda n, f: (bar.set_postfix_str(f, refresh=False), bar.update(n))
-        else:
-            self._bar = PlainLines(phase, shard_bytes, self.stream, self.interval)
-            self._show = self._bar
+    def _show(self, phase: str, n: int, label: str) -> None:
+        with self._lock:
+            shown = self._phases.get(phase)
+            if shown is None:
+                return
+            if isinstance(shown, PlainLines):
+                shown(n, label)
+            else:
+                shown.set_postfix_str(label, refresh=False)
+                shown.update(n)
 
     def __call__(self, n: int, label: str) -> None:
         self.bytes_done += n
         self.labels.add(label)
-        if self._show is not None:
-            self._show(n, label)
+        self._show("merge", n, label)
+
+    def stop(self, phase: str) -> None:
+        """End one phase (its last plain line is printed; its bar is cleared)."""
+        with self._lock:
+            shown = self._phases.pop(phase, None)
+            if shown is not None:
+                shown.close()
+            if not self._phases:
+                self._hf_bars(True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        self._bar = self._show = None
+        """End every phase."""
+        for phase in list(self._phases):
+            self.stop(phase)
+
+    def _hf_bars(self, on: bool) -> None:
+        """Switch huggingface_hub's own bars off while ours draw on a terminal, and back on after."""
+        try:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+        except ImportError:
+            return
+        if not on and not self._hf_bars_off and not are_progress_bars_disabled():
+            disable_progress_bars()
+            self._hf_bars_off = True
+        elif on and self._hf_bars_off:
+            enable_progress_bars()
+            self._hf_bars_off = False
 
     def written(self, shards: Iterable[Any]) -> int:
         """Bytes of the `shards` (ShardResults) this run wrote, as opposed to kept from an earlier run."""
@@ -122,16 +174,100 @@ class Reporter:
         return sum(s.size for s in files) if files else self.bytes_done
 
 
+class _Phase:
+    """One phase of a Reporter, as something to close."""
+
+    def __init__(self, reporter: Reporter, phase: str) -> None:
+        self.reporter, self.phase = reporter, phase
+
+    def close(self) -> None:
+        self.reporter.stop(self.phase)
+
+
+def phase_callback(progress: bool | Progress | None, phase: str, totals: dict[str, int]
+                   ) -> tuple[Progress, Any]:
+    """(callback(bytes, label), closable or None) for `phase` over `totals` (label -> bytes): the phase of a
+    Reporter, of a new one for `progress=True`, a user's own callback, or nothing."""
+    if progress is False or progress is None:
+        return (lambda n, f: None), None
+    if progress is True:
+        reporter = Reporter()
+        return reporter.start(phase, totals), reporter
+    if isinstance(progress, Reporter):
+        return progress.start(phase, totals), _Phase(progress, phase)
+    return progress, None
+
+
+def output_bytes(shard: ShardPlan) -> int:
+    """The size of a shard's output file: the base shard's header and padding (unchanged) plus the merged
+    tensors' bytes."""
+    return shard.in_bytes - sum(t.source.nbytes for t in shard.tensors) + shard.out_data_bytes
+
+
 def progress_callback(plan: MergePlan, wanted: set[str], progress: bool | Progress) -> tuple[Progress, Any]:
-    """(callback(bytes, shard), closable or None) for the merge phase over the `wanted` shards: a Reporter
-    started on them, a new one for `progress=True`, a user's own callback, or nothing."""
+    """(callback(bytes, shard), closable or None) for the merge phase over the `wanted` shards: a Reporter's
+    merge phase, a new Reporter for `progress=True`, a user's own callback, or nothing."""
     if progress is False or progress is None:
         return (lambda n, f: None), None
     if progress is True:
         progress = Reporter()
-    if isinstance(progress, Reporter):
-        # each output file: the base shard's header and padding (unchanged) plus the merged tensors' bytes
-        progress.start("merge", {s.file: s.in_bytes - sum(t.source.nbytes for t in s.tensors) + s.out_data_bytes
-                                 for s in plan.shards if s.file in wanted})
+        progress.start("merge", {s.file: output_bytes(s) for s in plan.shards if s.file in wanted})
         return progress, progress
+    if isinstance(progress, Reporter):
+        progress.start("merge", {s.file: output_bytes(s) for s in plan.shards if s.file in wanted})
+        return progress, _Phase(progress, "merge")
     return progress, None
+
+
+class Arrivals:
+    """Bytes of downloaded files as they arrive, each file's count capped at its size, for a progress callback.
+    `bar(file, base)` is a class for huggingface_hub's `tqdm_class` that reports them; `finish(file)` reports
+    the rest of a file that was complete (where the client reported fewer bytes, or none)."""
+
+    def __init__(self, report: Progress, sizes: dict[str, int]) -> None:
+        self.report, self.sizes = report, sizes
+        self.arrived: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, file: str, n: int) -> None:
+        with self._lock:
+            done = self.arrived.get(file, 0)
+            n = max(0, min(n, self.sizes.get(file, 0) - done))
+            self.arrived[file] = done + n
+        if n:
+            self.report(n, file)
+
+    def finish(self, file: str) -> None:
+        self.add(file, self.sizes.get(file, 0))
+
+    def bar(self, file: str, base: type) -> type:
+        """A subclass of `base` (huggingface_hub's silent bar) whose updates are bytes of `file`."""
+        arrivals = self
+
+        class _Arrived(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, initial: int = 0, **kwargs: Any) -> None:
+                super().__init__()
+                arrivals.add(file, int(initial or 0))  # resumed from an earlier partial download
+
+            def update(self, n: int | float | None = 1) -> None:
+                arrivals.add(file, int(n or 0))
+
+        return _Arrived
+
+
+def watch_downloads(progress: bool | Progress, source: Any, files: Iterable[str]) -> None:
+    """A `download` phase for the base shards among `files` that `source` will download (a Hub source, which
+    reports bytes as they arrive; a local folder downloads nothing)."""
+    sizes = getattr(source, "download_sizes", None)
+    if isinstance(progress, Reporter) and sizes is not None:
+        todo = sizes(list(files))
+        if todo:
+            source.arrivals = Arrivals(progress.start("download", todo), todo)
+
+
+def watch_uploads(progress: bool | Progress, pusher: Any, plan: MergePlan, files: Iterable[str]) -> None:
+    """An `upload` phase for the shards among `files` that `pusher` uploads (one line per shard pushed)."""
+    if isinstance(progress, Reporter) and pusher is not None:
+        sizes = {s.file: output_bytes(s) for s in plan.shards if s.file in set(files)}
+        report = progress.start("upload", sizes)
+        pusher.on_upload = lambda file: report(sizes.get(file, 0), file)

@@ -57,6 +57,7 @@ class Pusher:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.on_upload: Callable[[str], None] | None = None  # progress: a shard is on the Hub
 
     @classmethod
     def open(cls, repo_id: str, out: Path, shard_files: Sequence[str], *, token: str | None = None,
@@ -77,6 +78,8 @@ class Pusher:
         """Queue a committed shard for upload (no-op when the repo already has these bytes)."""
         self.check()
         if self.pushed(file, sha256):
+            if self.on_upload is not None:
+                self.on_upload(file)
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
             return
@@ -139,6 +142,8 @@ class Pusher:
         for file, sha in batch:
             self.remote[file] = (sha, None)
             self.uploaded.append(file)
+            if self.on_upload is not None:
+                self.on_upload(file)
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
         log.info("pushed %s to %s", what, self.repo_id)
@@ -194,6 +199,8 @@ class Pusher:
 
     def _error_for(self, exc: BaseException, doing: str) -> BaseException:
         resume = "re-run the same command to resume the push"
+        if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, hf_errors.HfHubHTTPError):
+            exc = exc.__cause__  # an LFS upload refused, e.g. bytes that no longer match the recorded sha256
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, hf_errors.RepositoryNotFoundError) or status in (401, 403):
             tok = "this token" if self.token or get_token() else "no token"

@@ -28,13 +28,13 @@ from .errors import CompatibilityError, ConfigError, InputError, OutputError, Pl
 from .extras import RECORD_NAME
 from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
 from .completion import finalize_output, printable, shipped_files
-from .disk_space import check_disk, planned_disks, short_disk_error
+from .disk_space import check_disk as _check_disk, planned_disks, short_disk_error
 from .journal import SHARDS_DIR, Journal
 from .locking import out_lock
 from .partition import parse_worker, split
 from .planner import PlanOptions, build_plan
 from .platform_support import check_platform, peak_rss_bytes
-from .progress import Progress
+from .progress import Progress, watch_downloads, watch_uploads
 from .records import MergePlan, MergeReport, ShardResult
 from .resume import (check_same_merge, fingerprint, inputs_record, journal_result, load_journal_or_record,
                      pending_shards, prepare_journal, read_record, shard_done)
@@ -110,7 +110,8 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype,
+                                                 max_shard_size=cfg.max_shard_size))
     findings: list[str] = []
     for spec in specs:  # configs compared, not names: a renamed local copy of the same model is the same model
         trained_on = find_trained_on(Path(spec.path), spec.raw_config)
@@ -142,6 +143,7 @@ class _MergeRun:
     journal: Journal | None = None
     pusher: Any = None
     done: dict[str, ShardResult] = field(default_factory=dict)
+    progress: bool | Progress = False
 
     def _finished(self) -> dict[str, ShardResult]:
         """This run's shards that an earlier run finished (checksummed now when a push needs the sha256)."""
@@ -179,6 +181,7 @@ class _MergeRun:
 
             self.pusher = Pusher.open(cfg.push_to_hub, out, [s.file for s in self.plan.shards], token=cfg.token,
                                       private=cfg.private, local_copy=cfg.local_copy)
+            watch_uploads(self.progress, self.pusher, self.plan, self.mine)
         self.done = self._finished()
         todo = [s.file for s in self.plan.shards if s.file in self.mine and s.file not in self.done]
         if self._complete_already(from_record):
@@ -196,7 +199,8 @@ class _MergeRun:
                 self.journal.record(out, f, entry)
         for f in todo:
             self.journal.forget(out, f)
-        check_disk(out, self.plan, todo, self.base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
+        _check_disk(out, self.plan, todo, self.base_src.disk_need(self.plan.inputs_of(todo), cfg.prefetch),
+                    keep_outputs=cfg.local_copy)
         if self.pusher is not None:
             for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
                 self.pusher.submit(r.file, r.sha256)
@@ -207,7 +211,7 @@ class _MergeRun:
         cfg = self.cfg
         compute = Compute(device=self.device, block_bytes=cfg.block_size_mb * 1024 * 1024,
                           check_finite=cfg.check_finite, threads=compute_threads(self.device))
-        checksum = cfg.checksums or self.pusher is not None
+        checksum = True  # every shard's sha256, computed by the writer: the record, verify and the push use it
         assert self.journal is not None
         if not todo:
             return [self.done[s.file] for s in self.plan.shards if s.file in self.done]
@@ -218,6 +222,7 @@ class _MergeRun:
             on_done = (lambda res: pusher.submit(res.file, res.sha256)) if pusher is not None else None
             return merge_on_ray(self.plan, self.base_src.folder(), self.out, self.done, todo, compute, progress,
                                 None if cfg.ray == "local" else cfg.ray, checksum, on_done)
+        watch_downloads(progress, self.base_src, todo)
         with torch_settings():
             return merge_shards(self.plan, self.base_src, self.out, self.journal, self.done, compute, progress,
                                 cfg.prefetch, self.pusher, todo, checksum)
@@ -298,6 +303,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     job, complete, pending = None, False, []
     try:
         job = _start(cfg, plan, base_src, adapter_srcs, findings)
+        job.progress = progress
         with out_lock(job.out, cfg.worker):
             _remove_dead_leftovers(job.out)
             todo = job.prepare()
@@ -321,7 +327,7 @@ def _dry_run(cfg: MergeConfig, plan: MergePlan, base_src: Source, t0: float) -> 
     """The report of a merge that only plans: with OUT, the disk check too (DiskSpaceError, carrying this
     report, when a disk is short); nothing is written."""
     out = Path(cfg.output).expanduser() if cfg.output else None
-    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy)
+    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy, cfg.fresh)
     report = MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
                          peak_rss_bytes=peak_rss_bytes(), dry_run=True, disk=tuple(disks))
     short = next((d for d in disks if d.short), None)

@@ -1,10 +1,13 @@
 """`stream-merge verify OUT [--full]`: is an output folder exactly what its record says?
 
-Quick mode checks every shard's size and sha256 (recorded with `merge --checksums` or `--push-to-hub`) against
-`stream_merge.json` and every header against the index. When a shard differs, has no recorded sha256, or
-with --full, the plan is rebuilt from the recorded inputs and the expected bytes are regenerated and compared,
-which names the first differing tensor. Base shards are read through their source: a local folder, or for a
-Hub base the HF cache (quick mode) or a fresh download into OUT's download area (--full, deleted afterwards).
+The default mode reads each output shard once and compares its size and sha256 with `stream_merge.json` (every
+merge records the sha256 of each shard, computed by the writer while it wrote the bytes), and every header
+with the index. It never reads the inputs: a shard that differs is named, and `--full` names its first
+differing tensor. A shard without a recorded sha256 (merged by a version that did not always record one) is
+recomputed instead, and the summary says so. With --full, every shard is also regenerated from the recorded
+inputs and compared byte for byte, which names the first differing tensor. Base shards are read through their
+source: a local folder, or for a Hub base the HF cache (default mode) or a fresh download into OUT's download
+area (--full, deleted afterwards).
 
 A shard is never reported `ok` without a check: one whose bytes could not be checked (no checksum, and the
 inputs are gone, or a quick verify of a Hub base whose shards are not cached) is listed as not checked, with
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,9 +35,11 @@ from .compute import Compute, compute_threads, frozen_gc, torch_settings
 from .errors import InputError, StreamMergeError, VerificationError
 from .extras import RECORD_NAME
 from .fileio import file_sha256
+from .progress import Progress, phase_callback
 from .pipeline import shard_chunks
 from .records import MergePlan, ShardHeader
-from .safetensors_io import ShardReader, read_header_file
+from .safetensors_io import read_header_file
+from .shard_inputs import Readers
 from .sources import Source
 
 VERIFY_DEVICE = "cpu"  # where verify recomputes
@@ -51,6 +56,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    no_digest: list[str] = field(default_factory=list)  # no recorded sha256: only recomputing could check them
 
     @property
     def ok(self) -> bool:
@@ -67,10 +73,14 @@ class VerifyReport:
         """The lines the CLI prints for a report without problems: a shard not checked is never called ok."""
         extra = f", {len(self.recomputed)} recomputed" if self.recomputed else ""
         n, skipped = self.shards_checked, len(self.unchecked)
-        if not skipped:
-            return [f"ok: {n} shards match the record{extra}"]
-        lines = [f"ok: {n - skipped} of {n} shards match the record{extra}" if skipped < n
+        lines = [f"ok: {n} shards match the record{extra}" if not skipped
+                 else f"ok: {n - skipped} of {n} shards match the record{extra}" if skipped < n
                  else f"not checked: none of the {n} shards could be checked"]
+        redone = [f for f in self.no_digest if f in self.recomputed]
+        if redone:
+            names = ", ".join(redone[:3]) + (f" and {len(redone) - 3} more" if len(redone) > 3 else "")
+            lines.append(f"recomputed: {len(redone)} shard(s) have no recorded sha256 ({names}; merged by an "
+                         "older stream-merge), so they were checked by recomputing them from the inputs")
         by_reason: dict[str, list[str]] = {}
         for f in self.unchecked:
             by_reason.setdefault(self.reasons[f], []).append(f)
@@ -150,18 +160,18 @@ def _recorded_inputs(record: dict[str, Any], out: Path, full: bool) -> Iterator[
 
 
 def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: ShardHeader | None,
-             report: VerifyReport) -> None:
+             report: VerifyReport, on_bytes: Progress) -> None:
     """Regenerate `file` from the inputs and compare it byte for byte, naming the first differing tensor."""
     shard = next(s for s in plan.shards if s.file == file)
-    base_header = next(h for h in plan.base.shards if h.file == file)
+    headers = {h.file: h for h in plan.base.shards}
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     try:
-        base_path = regular_file(base_src.shard_path(file), f"base shard {file}")
-        with ShardReader(base_path, base_header) as reader, open(out / file, "rb") as f, \
-                torch_settings(), frozen_gc():
+        inputs = Readers.of(lambda b: regular_file(base_src.shard_path(b), f"base shard {b}"), headers)
+        with inputs.open(shard.inputs) as reader, open(out / file, "rb") as f, torch_settings(), frozen_gc():
             compute = Compute(threads=compute_threads(torch.device(VERIFY_DEVICE)))
             pool = compute.pool(spare=0)
-            differs = _first_difference(shard_chunks(shard, reader, adapters, compute, pool), pool, f, header)
+            differs = _first_difference(shard_chunks(shard, reader, adapters, compute, pool), pool, f, header,
+                                        lambda n: on_bytes(n, recompute_label(file)))
             if differs is None and f.read(1):
                 differs = f"{file}: has trailing bytes after the last tensor"
             elif differs is not None:
@@ -172,11 +182,18 @@ def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: Sh
     finally:
         for a in adapters:
             a.close()
-        base_src.release(file)
+        for b in shard.inputs:
+            base_src.release(b)
     report.recomputed.append(file)
 
 
-def _first_difference(chunks: Any, pool: Any, f: Any, header: ShardHeader | None) -> str | None:
+def recompute_label(file: str) -> str:
+    """The progress label of recomputing `file` (hashing it is labelled with its name)."""
+    return f"{file} (recomputed)"
+
+
+def _first_difference(chunks: Any, pool: Any, f: Any, header: ShardHeader | None,
+                      on_bytes: Callable[[int], None]) -> str | None:
     """Walk the regenerated chunks against the file; a description of the first difference, or None."""
     pos = 0
     try:
@@ -188,6 +205,7 @@ def _first_difference(chunks: Any, pool: Any, f: Any, header: ShardHeader | None
                 where = name or (_tensor_at(header, pos + i) if header else f"byte {pos + i}")
                 return f"tensor {where!r} differs from a fresh merge of the recorded inputs (first at byte {pos + i})"
             pos += len(data)
+            on_bytes(len(data))
             data.release()  # so that a view of the base is unmapped right away
             pool.put(chunk)
     finally:
@@ -195,11 +213,27 @@ def _first_difference(chunks: Any, pool: Any, f: Any, header: ShardHeader | None
     return None
 
 
-def _check_files(out: Path, entries: Sequence[dict[str, Any]], wmap: dict[str, str],
-                 report: VerifyReport) -> tuple[dict[str, ShardHeader | None], list[str], list[str]]:
-    """Sizes, checksums and headers against the record and the index: (headers, suspect, no_checksum)."""
+def _check_digest(path: Path, entry: dict[str, Any], report: VerifyReport, on_bytes: Progress) -> bool:
+    """Whether the file at `path` has the recorded size and (when recorded) sha256; a difference is reported
+    naming the file. The size is compared first, so a truncated or grown shard is never hashed."""
+    file = entry["file"]
+    size = path.stat().st_size
+    if size != entry["size"]:
+        report.problems.append(f"{file}: size {size:,} bytes differs from the record's {entry['size']:,} "
+                               "(truncated or replaced)")
+        return False
+    if entry.get("sha256") and file_sha256(path, on_bytes=lambda n: on_bytes(n, file)) != entry["sha256"]:
+        report.problems.append(f"{file}: sha256 differs from the record (the bytes changed since the merge; "
+                               "`verify --full` names the first differing tensor)")
+        return False
+    return True
+
+
+def _check_files(out: Path, entries: Sequence[dict[str, Any]], wmap: dict[str, str], report: VerifyReport,
+                 on_bytes: Progress) -> tuple[dict[str, ShardHeader | None], list[str]]:
+    """Sizes, checksums and headers against the record and the index: (headers, no_checksum)."""
     headers: dict[str, ShardHeader | None] = {}
-    suspect, no_checksum = [], []
+    no_checksum: list[str] = []
     for entry in entries:
         file = entry["file"]
         path = out / file
@@ -213,11 +247,8 @@ def _check_files(out: Path, entries: Sequence[dict[str, Any]], wmap: dict[str, s
             headers[file] = None
             report.problems.append(f"{file}: {exc.message}")
             continue
-        if path.stat().st_size != entry["size"] or (entry.get("sha256") and file_sha256(path) != entry["sha256"]):
-            report.problems.append(f"{file}: size or sha256 differs from the record")
-            suspect.append(file)
-        elif not entry.get("sha256"):
-            no_checksum.append(file)  # merged without --checksums: only recomputing can check its bytes
+        if _check_digest(path, entry, report, on_bytes) and not entry.get("sha256"):
+            no_checksum.append(file)  # merged before every shard had a digest: only recomputing can check it
     in_headers = {t.name: f for f, h in headers.items() if h for t in h.tensors}
     for name, file in wmap.items():
         if in_headers.get(name) != file and headers.get(file) is not None:
@@ -225,11 +256,11 @@ def _check_files(out: Path, entries: Sequence[dict[str, Any]], wmap: dict[str, s
     for name, file in in_headers.items():
         if name not in wmap:
             report.problems.append(f"{file}: tensor {name!r} is not in the index")
-    return headers, suspect, no_checksum
+    return headers, no_checksum
 
 
 def _recompute(out: Path, record: dict[str, Any], todo: Sequence[str], no_checksum: Sequence[str],
-               headers: dict[str, ShardHeader | None], full: bool, report: VerifyReport) -> None:
+               headers: dict[str, ShardHeader | None], full: bool, report: VerifyReport, on_bytes: Progress) -> None:
     """Regenerate the shards in `todo` from the recorded inputs; what cannot be regenerated is not checked."""
     try:
         with _recorded_inputs(record, out, full) as (plan, base_src):
@@ -241,25 +272,35 @@ def _recompute(out: Path, record: dict[str, Any], todo: Sequence[str], no_checks
                     report.skip([file] if file in no_checksum else [],
                                 "the base shard is not in the HF cache (`verify --full` downloads it)")
                     continue
-                _compare(out, plan, base_src, file, headers.get(file), report)
+                _compare(out, plan, base_src, file, headers.get(file), report, on_bytes)
     except StreamMergeError as exc:
         if isinstance(exc, VerificationError):
             raise
-        report.skip(no_checksum, f"the recorded inputs are not available to recompute them ({exc.message}); "
-                                 "merge with --checksums to make verify independent of the inputs")
+        report.skip(no_checksum, f"no recorded sha256, and the recorded inputs are not available to recompute "
+                                 f"them ({exc.message}); merge again to record one")
 
 
-def verify(output: str | Path, full: bool = False) -> VerifyReport:
+def _progress_totals(entries: Sequence[dict[str, Any]], full: bool) -> dict[str, int]:
+    """Progress label -> bytes: each shard with a recorded sha256 is hashed; each without one (every shard with
+    `full`) is recomputed."""
+    totals = {e["file"]: e["size"] for e in entries if e.get("sha256")}
+    totals.update({recompute_label(e["file"]): e["size"] for e in entries if full or not e.get("sha256")})
+    return totals
+
+
+def verify(output: str | Path, full: bool = False, progress: bool | Progress | None = None) -> VerifyReport:
     """Check an output folder against its record.
 
     Args:
         output: the folder a merge wrote.
-        full: regenerate every shard from the recorded inputs (downloading Hub base shards) instead of only
-            those without a checksum or that differ.
+        full: also regenerate every shard from the recorded inputs (downloading Hub base shards), instead of
+            only those without a recorded sha256.
+        progress: a `progress.Reporter` (a "verify" phase: bytes hashed and recomputed), a callback
+            `(bytes, label)`, True for a bar, or None / False.
 
     Returns:
-        A VerifyReport: `problems` (a differing shard names its first differing tensor where it could be
-        recomputed) and the shards not checked, with why.
+        A VerifyReport: `problems` (each names its shard; with `full`, a differing shard also names its first
+        differing tensor), the shards recomputed, and the shards not checked, with why.
 
     Raises:
         VerificationError: the folder has no readable record or index, or the record is malformed.
@@ -269,13 +310,18 @@ def verify(output: str | Path, full: bool = False) -> VerifyReport:
     record = _load(out, RECORD_NAME)
     wmap = _load(out, INDEX_NAME).get("weight_map", {})
     entries = _shard_entries(record, out)
-    headers, suspect, no_checksum = _check_files(out, entries, wmap if isinstance(wmap, dict) else {}, report)
-    todo = [e["file"] for e in entries if e["file"] in headers] if full else suspect + no_checksum
-    kind = recorded_device_kind(record)
-    if todo and kind != VERIFY_DEVICE:
-        report.skip(no_checksum, f"merged on {kind} and recomputing on the {VERIFY_DEVICE} is not comparable bit "
-                                 "for bit; merge with --checksums to verify it")
-        return report
-    if todo:
-        _recompute(out, record, todo, no_checksum, headers, full, report)
+    on_bytes, phase = phase_callback(progress, "verify", _progress_totals(entries, full))
+    try:
+        headers, no_checksum = _check_files(out, entries, wmap if isinstance(wmap, dict) else {}, report, on_bytes)
+        report.no_digest = list(no_checksum)
+        todo = [e["file"] for e in entries if e["file"] in headers] if full else no_checksum
+        kind = recorded_device_kind(record)
+        if todo and kind != VERIFY_DEVICE:
+            report.skip(no_checksum, f"no recorded sha256, merged on {kind}, and recomputing on the {VERIFY_DEVICE} "
+                                     "is not comparable bit for bit; merge again to record one")
+        elif todo:
+            _recompute(out, record, todo, no_checksum, headers, full, report, on_bytes)
+    finally:
+        if phase is not None:
+            phase.close()
     return report

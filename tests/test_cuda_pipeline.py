@@ -305,6 +305,9 @@ def test_device_blocks_have_their_own_budget() -> None:
     assert not cpu.pipelined and gpu.pipelined and Compute(pipeline=True).pipelined
     assert cpu.row_block_bytes == cpu.block_bytes and gpu.row_block_bytes == gpu.device_block_bytes >= 32 << 20
     assert gpu.buffer_bytes >= 2 * gpu.device_block_bytes
+    from stream_merge.compute import compute_threads
+
+    assert compute_threads(torch.device("cuda")) == 2  # two tensors' rings in flight: one fills, one drains
 
 
 @pytest.mark.slow

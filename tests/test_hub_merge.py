@@ -498,14 +498,27 @@ def _flip(path: Path, at: int = -2) -> None:
     path.write_bytes(bytes(data))
 
 
+def _forget_digests(out: Path) -> None:
+    """Make OUT's record look like one of a merge that recorded no output sha256 (older versions)."""
+    record = json.loads((out / "stream_merge.json").read_text())
+    for e in record["shards"]:
+        e["sha256"] = None
+    (out / "stream_merge.json").write_text(json.dumps(record))
+
+
 def test_verify_reads_a_hub_base_through_the_source(hub, model, tmp_path):
-    """Quick verify uses the HF cache and says which shards it could not check; --full downloads them
-    (into OUT's download area, removed afterwards); a flipped byte names shard and tensor either way."""
+    """Quick verify of shards without a recorded sha256 uses the HF cache and says which shards it could not
+    check; --full downloads them (into OUT's download area, removed afterwards); a flipped byte names shard
+    and tensor either way. With the recorded sha256 (every merge now), quick verify reads no input at all."""
     publish(hub, model)
     out, hf = tmp_path / "out", tmp_path / "hf"
     assert merge(hub, hf, out).returncode == 0
     shards = model["shards"]
     hub.clear_log()
+    r = cli(hub, hf, "verify", out)
+    assert r.returncode == 0 and f"ok: {len(shards)} shards match the record\n" in r.stdout, r.stdout
+    assert not hub.requests(path_contains="org/base")  # not even the small files
+    _forget_digests(out)
     r = cli(hub, hf, "verify", out)
     assert r.returncode == 0, r.stderr
     assert "cannot open" not in r.stderr and "ok: 0 of" not in r.stdout
@@ -533,6 +546,7 @@ def test_quick_verify_recomputes_from_the_hf_cache_and_respects_the_device(hub, 
     out, hf = tmp_path / "out", tmp_path / "hf"
     assert merge(hub, hf, out, "--keep-downloads").returncode == 0
     shards = model["shards"]
+    _forget_digests(out)  # an older merge: only recomputing checks its shards
     hub.clear_log()
     r = cli(hub, hf, "verify", out)
     assert r.returncode == 0 and f"{len(shards)} recomputed" in r.stdout and "not checked" not in r.stdout

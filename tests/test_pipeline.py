@@ -167,17 +167,30 @@ def test_parallel_small_blocks_give_the_bytes_of_a_plain_merge(tmp_path: Path, k
         a.close()
 
 
-def test_checksums_are_recorded_only_when_asked(pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_output_checksums_are_always_recorded_and_checksums_adds_the_inputs(pair: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
     base, adapter = pair
     plain, summed = tmp_path / "plain", tmp_path / "summed"
     assert run_cli("merge", base, adapter, "-o", plain, "--quiet").returncode == 0
     assert run_cli("merge", base, adapter, "-o", summed, "--quiet", "--checksums").returncode == 0
-    rec_plain = json.loads((plain / "stream_merge.json").read_text())["shards"]
-    rec_summed = json.loads((summed / "stream_merge.json").read_text())["shards"]
-    assert all(e["sha256"] is None for e in rec_plain)
-    for e in rec_summed:
+    rec_plain = json.loads((plain / "stream_merge.json").read_text())
+    rec_summed = json.loads((summed / "stream_merge.json").read_text())
+    assert rec_plain["shards"] == rec_summed["shards"]
+    for e in rec_summed["shards"]:
         assert e["sha256"] == hashlib.sha256((summed / e["file"]).read_bytes()).hexdigest()
         assert (plain / e["file"]).read_bytes() == (summed / e["file"]).read_bytes()
+    # --checksums: the base files' sha256 too (a copied base is then recognised by content on resume)
+    assert not any("sha256" in f for f in rec_plain["inputs"]["base"]["files"].values())
+    for name, f in rec_summed["inputs"]["base"]["files"].items():
+        assert f["sha256"] == hashlib.sha256((base / name).read_bytes()).hexdigest()
+
+
+def _forget_digests(out: Path) -> None:
+    """Make OUT's record look like one of a merge that recorded no output sha256 (older versions)."""
+    record = json.loads((out / "stream_merge.json").read_text())
+    for e in record["shards"]:
+        e["sha256"] = None
+    (out / "stream_merge.json").write_text(json.dumps(record))
 
 
 def _flip(path: Path) -> None:
@@ -191,6 +204,7 @@ def test_verify_without_checksums_recomputes_or_says_what_it_could_not_check(tmp
     plain, summed = tmp_path / "plain", tmp_path / "summed"
     assert run_cli("merge", base, adapter, "-o", plain, "--quiet").returncode == 0
     assert run_cli("merge", base, adapter, "-o", summed, "--quiet", "--checksums").returncode == 0
+    _forget_digests(plain)
     ok = run_cli("verify", plain)
     assert ok.returncode == 0 and "recomputed" in ok.stdout and "note:" not in ok.stdout
     shard = sorted(plain.glob("*.safetensors"))[0]
@@ -212,14 +226,17 @@ def test_resume_redoes_a_finished_shard_that_was_changed_since(pair: tuple[Path,
     out = tmp_path / "out"
     assert run_cli("merge", base, adapter, "-o", out, "--quiet").returncode == 0
     ref = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-    (out / "model.safetensors.index.json").unlink()  # "unfinished": the next run resumes
     shards = sorted(ref)
-    _flip(out / shards[0])  # same size, new mtime: redone
-    os.utime(out / shards[1], ns=(0, 0))  # only the mtime changed: redone too (no checksum to prove otherwise)
-    r = run_cli("merge", base, adapter, "-o", out)
-    assert r.returncode == 0, r.stderr
-    assert f"({len(shards) - 2} resumed)" in r.stdout, r.stdout
-    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == ref
+    for digests in (False, True):  # an older merge's record first; the shards it redoes get a sha256
+        (out / "model.safetensors.index.json").unlink()  # "unfinished": the next run resumes
+        if not digests:
+            _forget_digests(out)  # as an older merge left it
+        _flip(out / shards[0])  # same size, new mtime: redone
+        os.utime(out / shards[1], ns=(0, 0))  # only the mtime changed: kept when its sha256 still matches,
+        r = run_cli("merge", base, adapter, "-o", out)  # redone without one (nothing proves it unchanged)
+        assert r.returncode == 0, r.stderr
+        assert f"({len(shards) - (1 if digests else 2)} resumed)" in r.stdout, r.stdout
+        assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == ref
 
 
 def test_resume_of_a_copied_output_keeps_shards_whose_checksum_matches(pair: tuple[Path, Path],

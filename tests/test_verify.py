@@ -1,10 +1,14 @@
-"""verify.py: the record is untrusted input, special files never block, a merge on another device kind is not
-recomputed on the CPU, and a shard is never called ok without a check."""
+"""verify.py: the default mode checks each shard's recorded sha256 (computed while writing) without reading
+the inputs, --full recomputes, a shard without a digest (an older merge) is recomputed and said so; the record
+is untrusted input, special files never block, a merge on another device kind is not recomputed on the CPU,
+and a shard is never called ok without a check."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,22 @@ def _edit_record(out: Path, change) -> None:  # type: ignore[no-untyped-def]
     record = json.loads((out / RECORD).read_text())
     change(record)
     (out / RECORD).write_text(json.dumps(record))
+
+
+def _forget_digests(out: Path, files: set[str] | None = None) -> None:
+    """Make OUT's record look like one of a merge that recorded no sha256 (for `files`, or every shard)."""
+    def forget(record: dict) -> None:
+        for e in record["shards"]:
+            if files is None or e["file"] in files:
+                e["sha256"] = None
+
+    _edit_record(out, forget)
+
+
+def _flip(path: Path, at: int = -2) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("name", ["../x.safetensors", "/etc/passwd.safetensors", "sub/x.safetensors", "..", 7])
@@ -57,6 +77,7 @@ def test_a_fifo_in_place_of_a_shard_is_reported_not_opened(merged) -> None:  # t
 
 def test_a_merge_recorded_on_cuda_is_not_comparable_without_checksums(merged) -> None:  # type: ignore[no-untyped-def]
     _, _, out = merged
+    _forget_digests(out)
     _edit_record(out, lambda rec: rec.setdefault("options", {}).update(device="cuda:0"))
     assert recorded_device_kind(json.loads((out / RECORD).read_text())) == "cuda"
     shard = sorted(out.glob("*.safetensors"))[0]
@@ -91,3 +112,153 @@ def test_summary_never_calls_an_unchecked_shard_ok() -> None:
     assert report.summary() == ["ok: 2 of 3 shards match the record", "note: 1 shard(s) not checked (b.safetensors): why"]
     report.skip(["a.safetensors", "c.safetensors"], "why")
     assert report.summary()[0] == "not checked: none of the 3 shards could be checked"
+
+
+# ---------------------------------------------------------------------------------------------- item 9: fast verify
+
+
+def test_every_merge_records_each_shards_sha256_computed_while_writing(merged) -> None:  # type: ignore[no-untyped-def]
+    _, _, out = merged
+    entries = json.loads((out / RECORD).read_text())["shards"]
+    assert len(entries) == len(list(out.glob("*.safetensors"))) > 1
+    for e in entries:
+        assert e["sha256"] == hashlib.sha256((out / e["file"]).read_bytes()).hexdigest(), e["file"]
+
+
+def test_default_verify_needs_no_input_and_names_a_changed_shard(merged) -> None:  # type: ignore[no-untyped-def]
+    base, adapter, out = merged
+    shutil.move(base, base.with_name("gone-base"))  # the default mode must not read (or plan) the inputs
+    shutil.move(adapter, adapter.with_name("gone-adapter"))
+    shards = sorted(out.glob("*.safetensors"))
+    ok = run_cli("verify", out)
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == f"ok: {len(shards)} shards match the record", ok.stdout
+    assert "recomputed" not in ok.stdout and "not checked" not in ok.stdout
+    _flip(shards[1])
+    bad = run_cli("verify", out)
+    assert bad.returncode == 1 and f"mismatch: {shards[1].name}: sha256 differs" in bad.stderr, bad.stderr
+    assert "--full" in bad.stderr and "recompute" not in bad.stdout
+    _flip(shards[1])
+    for at in (3, 40):  # the header's length, the header's text: named too (as a bad header or by its digest)
+        _flip(shards[1], at)
+        bad = run_cli("verify", out)
+        assert bad.returncode == 1 and f"mismatch: {shards[1].name}: " in bad.stderr, bad.stderr
+        _flip(shards[1], at)
+    data = shards[2].read_bytes()
+    for cut, why in ((data[:-1], "truncated"), (data[: len(data) // 2], "truncated"),
+                     (data + b"\0", "trailing bytes")):
+        shards[2].write_bytes(cut)
+        bad = run_cli("verify", out)
+        assert bad.returncode == 1 and f"mismatch: {shards[2].name}: " in bad.stderr and why in bad.stderr, bad.stderr
+    shards[2].write_bytes(data)
+    assert run_cli("verify", out).returncode == 0
+    _edit_record(out, lambda rec: rec["shards"][2].update(size=len(data) - 1))  # a record that says otherwise
+    bad = run_cli("verify", out)
+    assert f"{shards[2].name}: size {len(data):,} bytes differs from the record's {len(data) - 1:,}" in bad.stderr
+
+
+def test_default_verify_hashes_but_never_recomputes(merged, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import stream_merge.verify as v
+
+    _, _, out = merged
+    hashed: list[str] = []
+    real = v.file_sha256
+    monkeypatch.setattr(v, "file_sha256", lambda path, **kw: hashed.append(Path(path).name) or real(path, **kw))
+    monkeypatch.setattr(v, "_recompute", lambda *a, **k: pytest.fail("default verify recomputed"))
+    report = verify(out)
+    assert report.ok and not report.recomputed and sorted(hashed) == sorted(p.name for p in out.glob("*.safetensors"))
+    _flip(out / hashed[0])
+    report = verify(out)
+    assert report.problems == [f"{hashed[0]}: sha256 differs from the record (the bytes changed since the merge; "
+                               "`verify --full` names the first differing tensor)"]
+
+
+def test_full_still_recomputes_and_names_the_tensor(merged) -> None:  # type: ignore[no-untyped-def]
+    _, _, out = merged
+    shards = sorted(out.glob("*.safetensors"))
+    ok = run_cli("verify", out, "--full")
+    assert ok.returncode == 0 and f"ok: {len(shards)} shards match the record, {len(shards)} recomputed" in ok.stdout
+    _flip(shards[0])
+    bad = run_cli("verify", out, "--full")
+    assert bad.returncode == 1 and f"{shards[0].name}: tensor '" in bad.stderr, bad.stderr
+    assert "differs from a fresh merge" in bad.stderr and "sha256 differs" in bad.stderr
+
+
+def test_a_shard_without_a_digest_is_recomputed_and_the_summary_says_so(merged) -> None:  # type: ignore[no-untyped-def]
+    base, _, out = merged
+    shards = sorted(out.glob("*.safetensors"))
+    _forget_digests(out, {shards[0].name})  # as a merge made before digests were always recorded
+    r = run_cli("verify", out)
+    assert r.returncode == 0 and f"ok: {len(shards)} shards match the record, 1 recomputed" in r.stdout, r.stdout
+    assert f"recomputed: 1 shard(s) have no recorded sha256 ({shards[0].name}; merged by an older" in r.stdout
+    _flip(shards[0])
+    bad = run_cli("verify", out)
+    assert bad.returncode == 1 and f"{shards[0].name}: tensor '" in bad.stderr, bad.stderr
+    _flip(shards[0])
+    shutil.rmtree(base)  # without the inputs: that one shard is not checked, and said so; the others still are
+    r = run_cli("verify", out)
+    assert r.returncode == 0 and f"ok: {len(shards) - 1} of {len(shards)} shards match the record" in r.stdout
+    assert f"not checked ({shards[0].name}): no recorded sha256" in r.stdout, r.stdout
+
+
+def test_a_resumed_merge_records_every_shards_digest(merged) -> None:  # type: ignore[no-untyped-def]
+    base, adapter, out = merged
+    before = {e["file"]: e["sha256"] for e in json.loads((out / RECORD).read_text())["shards"]}
+    shards = sorted(before)
+    (out / "model.safetensors.index.json").unlink()  # unfinished: the next run resumes
+    (out / shards[1]).unlink()
+    (out / shards[-1]).unlink()
+    r = run_cli("merge", base, adapter, "-o", out, "--device", "cpu")
+    assert r.returncode == 0 and f"({len(shards) - 2} resumed)" in r.stdout, r.stdout
+    after = {e["file"]: e["sha256"] for e in json.loads((out / RECORD).read_text())["shards"]}
+    assert after == before == {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in shards}
+    assert run_cli("verify", out).returncode == 0
+
+
+def test_a_resumed_older_merge_keeps_a_shard_without_digest_verifiable(merged) -> None:  # type: ignore[no-untyped-def]
+    base, adapter, out = merged
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    _forget_digests(out, {shards[0]})  # finished by an older version: kept as it is, not hashed again
+    (out / "model.safetensors.index.json").unlink()
+    (out / shards[1]).unlink()
+    assert run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--quiet").returncode == 0
+    after = {e["file"]: e["sha256"] for e in json.loads((out / RECORD).read_text())["shards"]}
+    assert after[shards[0]] is None and all(after[f] for f in shards[1:])
+    r = run_cli("verify", out)
+    assert r.returncode == 0 and "1 recomputed" in r.stdout and "no recorded sha256" in r.stdout, r.stdout
+
+
+@pytest.mark.hub
+def test_push_uses_the_digest_of_the_writer_without_hashing_again(hub, tmp_path: Path, monkeypatch) -> None:
+    """The shard's sha256 (the Hub's LFS oid) comes from the merge's writer: the upload reads the file only to
+    send it. A file changed since (its bytes no longer match that digest) is refused by the Hub, named."""
+    from huggingface_hub import constants, lfs
+
+    from stream_merge.errors import HubError
+    from stream_merge.push import Pusher
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(lfs, "sha_fileobj", lambda *a, **k: pytest.fail("the shard was hashed a second time"))
+    out = tmp_path / "out"
+    out.mkdir()
+    data = os.urandom(3 << 20)
+    (out / "model.safetensors").write_bytes(data)
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    uploaded: list[str] = []
+    p = Pusher.open("org/merged", out, ["model.safetensors"])
+    p.on_upload = uploaded.append
+    p.submit("model.safetensors", hashlib.sha256(data).hexdigest())
+    p.finish(["model.safetensors.index.json"])
+    repo = hub.get_repo("org/merged")
+    assert repo.commits[repo.branches["main"]].files["model.safetensors"].sha256 == hashlib.sha256(data).hexdigest()
+    assert uploaded == ["model.safetensors"]
+
+    written = os.urandom(3 << 20)
+    (out / "model.safetensors").write_bytes(written[::-1])  # changed after the digest of `written` was taken
+    p = Pusher.open("org/merged2", out, ["model.safetensors"])
+    p.submit("model.safetensors", hashlib.sha256(written).hexdigest())
+    with pytest.raises(HubError, match="push to org/merged2 failed while uploading model.safetensors"):
+        p.finish(["model.safetensors.index.json"])
