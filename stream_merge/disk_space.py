@@ -81,4 +81,4 @@ def planned_disks(plan: MergePlan, base_src: Source, out: Path | None, mine: set
         return [planned_need(plan, [s.file for s in plan.shards if s.file in mine], base_src.kind == "hub", prefetch)]
     done = set() if fresh else _finished(out, mine, local_copy)
     todo = [s.file for s in plan.shards if s.file in mine and s.file not in done]
-    return disk_needs(out, plan, todo, base_src.disk_need(todo, prefetch), local_copy)
+    return disk_needs(out, plan, todo, base_src.disk_need(plan.inputs_of(todo), prefetch), local_copy)

@@ -9,7 +9,6 @@ collected, not raised, so that the user sees all of them at once.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 
 from .keymap import ParsedKey, TargetResolver, parse_key, targeted_params
@@ -18,6 +17,7 @@ from .model_config import config_value
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns
 from .plan_dtype import dtype_updates, out_dtype
 from .plan_fp8 import DROP, fp8_tensor_plan, is_fp8_scale, read_quantization
+from .plan_layout import OUT_METADATA, header_size, reshard
 from .plan_modules import plan_module
 from .plan_params import plan_param
 from .plan_state import PlanOptions, PlanState
@@ -227,31 +227,20 @@ def _shard_tensors(state: PlanState, header: ShardHeader, added: Sequence[Tensor
     return tensor_plans
 
 
-def _safetensors_header_size(shard: ShardPlan) -> int:
-    """Bytes of the safetensors header `pipeline.out_header` builds for `shard` (compact JSON, 8-aligned)."""
-    offsets, pos = {}, 0
-    for t in shard.data_order:
-        offsets[t.name] = [pos, pos + t.out_nbytes]
-        pos += t.out_nbytes
-    obj: dict[str, object] = {"__metadata__": dict(shard.metadata)} if shard.metadata else {}
-    for t in shard.tensors:
-        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets[t.name]}
-    n = len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    return 8 + n + (-n % 8)
-
-
 def _base_shard_plan(h: ShardHeader, tensor_plans: Sequence[TensorPlan]) -> ShardPlan:
-    """The output shard of the base's own layout: base shard `h` under its own name (a PyTorch .bin shard:
-    its safetensors name, `ShardHeader.output_name`), tensors in its order."""
+    """The output shard of the base's own layout: base shard `h` under its own name (a PyTorch `.bin` under
+    the safetensors name transformers gives it), tensors in its order."""
     tensors = tuple(dataclasses.replace(p, source_file=h.file) for p in tensor_plans)
-    plan = ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size, metadata=h.metadata,
+    plan = ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size,
+                     metadata=h.metadata if h.safetensors else OUT_METADATA,
                      header_unchanged=h.safetensors and len(tensors) == len(h.tensors) and all(
                          (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
                          for p in tensors))
     if h.safetensors:
         return plan
     # a .bin shard's output costs its safetensors header and the tensors it reads, not the zip's size
-    return dataclasses.replace(plan, in_bytes=_safetensors_header_size(plan) + sum(t.source.nbytes for t in tensors))
+    return dataclasses.replace(plan, in_bytes=header_size(plan.data_order, plan.metadata)
+                               + sum(t.source.nbytes for t in tensors))
 
 
 def _check_resized_vocab(state: PlanState, vocab: int | None) -> None:
@@ -297,6 +286,8 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
     if options.dtype != "auto":
         dtype_updates(state)
     shards = tuple(_base_shard_plan(h, _shard_tensors(state, h, added)) for h in base.shards)
+    if options.max_shard_size is not None:
+        shards = reshard(shards, options.max_shard_size)
     return MergePlan(base=base, adapters=tuple(adapters), shards=shards, mapping=tuple(state.mapping),
                      config_updates=dict(state.config_updates), warnings=tuple(state.warnings),
                      problems=tuple(state.problems))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -320,6 +320,12 @@ class MergePlan:
     config_updates: Mapping[str, Any]
     warnings: tuple[str, ...]
     problems: tuple[str, ...]
+
+    def inputs_of(self, outputs: Iterable[str]) -> list[str]:
+        """The base shards that the output shards `outputs` read, each once, in plan order (what a Hub base
+        downloads for them)."""
+        wanted = set(outputs)
+        return list(dict.fromkeys(b for s in self.shards if s.file in wanted for b in s.inputs))
 
     @property
     def patched_tensors(self) -> int:

@@ -110,7 +110,8 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype,
+                                                 max_shard_size=cfg.max_shard_size))
     findings: list[str] = []
     for spec in specs:  # configs compared, not names: a renamed local copy of the same model is the same model
         trained_on = find_trained_on(Path(spec.path), spec.raw_config)
@@ -198,8 +199,8 @@ class _MergeRun:
                 self.journal.record(out, f, entry)
         for f in todo:
             self.journal.forget(out, f)
-        inputs = list(dict.fromkeys(b for s in self.plan.shards if s.file in todo for b in s.inputs))
-        _check_disk(out, self.plan, todo, self.base_src.disk_need(inputs, cfg.prefetch), keep_outputs=cfg.local_copy)
+        _check_disk(out, self.plan, todo, self.base_src.disk_need(self.plan.inputs_of(todo), cfg.prefetch),
+                    keep_outputs=cfg.local_copy)
         if self.pusher is not None:
             for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
                 self.pusher.submit(r.file, r.sha256)
