@@ -116,7 +116,10 @@ def test_hostile_pickle_is_refused_without_running_it(tmp_path: Path, monkeypatc
     with pytest.raises(CheckpointFormatError, match=r"calls (posix|os)\.system") as err:
         read_pickle_file(evil, evil.name)
     assert "pytorch_model.bin" in err.value.one_line()
-    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / "adapter").mkdir()
+    r = run_cli("merge", tmp_path, tmp_path / "adapter", "-o", tmp_path / "out", "--allow-pickle")
+    assert r.returncode == 2 and "system" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("what", ["big-endian", "compressed", "short storage", "no data.pkl", "training checkpoint"])
@@ -404,3 +407,21 @@ def test_memcheck_pickle_tiny(tmp_path: Path) -> None:
     run = json.loads(out.read_text())["runs"]["S,M"]
     assert run["format"] == "pickle (.bin)" and "--allow-pickle" in run["command"]
     assert 0 < run["largest_shard_bytes"] <= 3_000_000 < run["base_bytes"] and run["peak_rss_mib"] > 0
+
+
+def test_a_pickle_that_rewrites_a_tensor_record_is_refused(tmp_path: Path) -> None:
+    """BUILD can set fields of any object the pickle made, bypassing frozen dataclasses: checked after loading."""
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.ones(2)}, good)
+    with zipfile.ZipFile(good) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    import pickletools
+
+    # after the last REDUCE (the one that builds the tensor record): {"offset": "xx"} BUILD
+    at = max(pos for op, _, pos in pickletools.genops(pkl) if op.name == "REDUCE")
+    evil_pkl = pkl[:at + 1] + b"}" + pickle.dumps("offset", 2)[2:-1] + pickle.dumps("xx", 2)[2:-1] + b"sb" + pkl[at + 1:]
+    evil = tmp_path / "pytorch_model.bin"
+    _rewrite(good, evil, lambda n, d: (evil_pkl if n.endswith("data.pkl") else d, zipfile.ZIP_STORED))
+    with pytest.raises(CheckpointFormatError, match="malformed") as err:
+        read_pickle_file(evil, evil.name)
+    assert "tensor 'w'" in err.value.one_line() or "'w'" in err.value.one_line(), err.value.one_line()
