@@ -290,14 +290,16 @@ def _out_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin") or "index" in p.name)
 
 
-@pytest.mark.parametrize("shard_bytes", [6000, 10**9], ids=["sharded", "single"])
-def test_a_bin_base_merges_like_its_safetensors_twin(tmp_path: Path, shard_bytes: int) -> None:
+@pytest.mark.parametrize("shard_bytes,extra", [(6000, ()), (10**9, ()), (6000, ("--dtype", "fp32")),
+                                               (10**9, ("--max-shard-size", "9000"))],
+                         ids=["sharded", "single", "dtype", "resharded"])
+def test_a_bin_base_merges_like_its_safetensors_twin(tmp_path: Path, shard_bytes: int, extra: tuple) -> None:
     from oracle import assert_bitwise_equal, load_folder_tensors
 
     base, adapter = make_pair(tmp_path, shard_bytes=shard_bytes)
     pbase = bin_copy(base, tmp_path / "pbase")
-    _merge(base, adapter, tmp_path / "ref")
-    _merge(pbase, adapter, tmp_path / "out")
+    _merge(base, adapter, tmp_path / "ref", *extra)
+    _merge(pbase, adapter, tmp_path / "out", *extra)
     assert _out_files(tmp_path / "out") == _out_files(tmp_path / "ref")  # transformers' safetensors names
     assert "pytorch_model.bin.index.json" not in _out_files(tmp_path / "out")
     assert_bitwise_equal(load_folder_tensors(tmp_path / "out"), load_folder_tensors(tmp_path / "ref"))
