@@ -7,7 +7,6 @@ what PEFT + transformers produce from the same .bin base, saved as safetensors."
 from __future__ import annotations
 
 import collections
-import io
 import json
 import pickle
 import zipfile
@@ -421,7 +420,8 @@ def test_a_pickle_that_rewrites_a_tensor_record_is_refused(tmp_path: Path) -> No
 
     # after the last REDUCE (the one that builds the tensor record): {"offset": "xx"} BUILD
     at = max(pos for op, _, pos in pickletools.genops(pkl) if op.name == "REDUCE")
-    evil_pkl = pkl[:at + 1] + b"}" + pickle.dumps("offset", 2)[2:-1] + pickle.dumps("xx", 2)[2:-1] + b"sb" + pkl[at + 1:]
+    build = b"}" + pickle.dumps("offset", 2)[2:-1] + pickle.dumps("xx", 2)[2:-1] + b"sb"  # {k: v} BUILD
+    evil_pkl = pkl[:at + 1] + build + pkl[at + 1:]
     evil = tmp_path / "pytorch_model.bin"
     _rewrite(good, evil, lambda n, d: (evil_pkl if n.endswith("data.pkl") else d, zipfile.ZIP_STORED))
     with pytest.raises(CheckpointFormatError, match="malformed") as err:
