@@ -88,8 +88,8 @@ def shard_jobs(shard: ShardPlan, readers: ShardReader | Readers, adapters: Seque
         yield from _copy_jobs(reader, start, end, compute.copy_bytes)
 
 
-def shard_chunks(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader], compute: Compute,
-                 pool: BufferPool, others: OtherShards | None = None) -> Iterator[Chunk]:
+def shard_chunks(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader],
+                 compute: Compute, pool: BufferPool, others: OtherShards | None = None) -> Iterator[Chunk]:
     """The output shard as (tensor name or None, buffer, valid bytes), in file order. Jobs run on
     `compute.threads` threads (torch releases the GIL); each buffer belongs to the consumer, who gives it
     back with `pool.put`. The pool must hold more than `compute.depth` buffers plus those the consumer keeps."""
