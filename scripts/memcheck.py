@@ -9,13 +9,17 @@ Prints the figure and the wall time; exit 1 when the peak is over --limit-mib.
 --scaling also merges with shard size 2S (same model) and model size 2M (same shards) and prints how the
 peak changes; the target is less than --max-growth (15%) growth for both, else exit 1.
 
+--pickle merges the same checkpoint re-saved as PyTorch pickle shards (`pytorch_model-0000i-of-0000n.bin`
+written by torch.save, with `pytorch_model.bin.index.json`) with --allow-pickle: the .bin shards are read
+tensor by tensor, so the peak must stay about that of the safetensors merge (issue 15: a shard of >= 1 GB).
+
 --moe E,OUT,IN instead merges one fused MoE expert tensor (E, OUT, IN) in bf16 (default 128,2048,2048: 1 GiB,
 a Qwen3-30B-A3B-sized gate_up_proj) with a rank-16 `target_parameters` adapter: the tensor must be blocked inside
 experts, so the peak stays about that of a plain merge, not a block of 64 experts.
 
     python scripts/memcheck.py [--shard-size 1GiB] [--size 3GiB] [--limit-mib 700] [--scaling]
                                [--hidden 4096 --intermediate 11008 --vocab 32000] [--rank 16]
-                               [--moe [E,OUT,IN]] [--workdir DIR] [--json OUT.json] [--keep]
+                               [--moe [E,OUT,IN]] [--pickle] [--workdir DIR] [--json OUT.json] [--keep]
 """
 
 from __future__ import annotations
@@ -39,14 +43,46 @@ def merge_command(args: argparse.Namespace, base: Path, adapter: Path, workdir: 
     shutil.rmtree(out)
     q = shlex.quote
     cmd = (" ".join(q(a) for a in stream_merge_cmd()) + f" merge {q(str(base))} {q(str(adapter))} -o {q(str(out))} "
-           f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else ""))
+           f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else "")
+           + (" --allow-pickle" if getattr(args, "pickle", False) else ""))
     return cmd, out, workdir / "memcheck-merge.log"
+
+
+def pickle_base(base: Path) -> Path:
+    """`base` re-saved with torch.save, shard by shard (one shard in memory at a time), as transformers 4 wrote
+    sharded .bin checkpoints: `pytorch_model-0000i-of-0000n.bin` and `pytorch_model.bin.index.json`. Made once
+    next to `base` (a marker file last) and removed with it."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = base.parent / "base-bin"
+    if (out / "complete").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    names = {s: f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i, s in enumerate(shards)}
+    for s in shards:
+        state = load_file(str(base / s))
+        torch.save(state, out / names[s])
+        del state
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": index.get("metadata", {}), "weight_map": {k: names[v] for k, v in index["weight_map"].items()}}))
+    for p in base.iterdir():
+        if p.suffix == ".json" and p.name != "model.safetensors.index.json":
+            shutil.copy(p, out / p.name)
+    (out / "complete").write_text("")
+    return out
 
 
 def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
     heads = args.heads or max(1, args.hidden // 128)
     base, adapter, info, made = make_inputs(workdir, size, args.hidden, args.intermediate, args.vocab, heads, heads,
                                             shard, args.rank)
+    if args.pickle:
+        base = pickle_base(base)
+    largest = max(p.stat().st_size for p in base.iterdir() if p.suffix in (".bin", ".safetensors"))
     cmd, out, log = merge_command(args, base, adapter, workdir)
     try:
         src = source_digest()
@@ -60,10 +96,12 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
         raise SystemExit(f"the merge failed (exit {r['rc']}):\n{tail(log)}")
     log.unlink(missing_ok=True)
     res = {"size_arg": size, "shard_size": shard, "base_bytes": info["base_bytes"], "shards": info["shards"],
-           "layers": info["params"]["shape"]["layers"], "command": cmd, "wall_s": round(r["wall_s"], 3),
+           "layers": info["params"]["shape"]["layers"], "largest_shard_bytes": largest,
+           "format": "pickle (.bin)" if args.pickle else "safetensors", "command": cmd, "wall_s": round(r["wall_s"], 3),
            "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1), "vmhwm_mib": round(r["vmhwm_bytes"] / 2**20, 1),
            "cpu_s": round(r["user_s"] + r["sys_s"], 2), "engine_sha256": src, "loadavg": loadavg()}
-    print(f"  {human(res['base_bytes']):>10} in {res['shards']} shard(s) of <= {human(shard):>9}: peak RSS "
+    print(f"  {human(res['base_bytes']):>10} in {res['shards']} {res['format']} shard(s) (largest "
+          f"{human(largest)}): peak RSS "
           f"{res['peak_rss_mib']:7.1f} MiB (VmHWM {res['vmhwm_mib']:.1f}), wall {res['wall_s']:.1f} s", flush=True)
     return res
 
@@ -155,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size-mb", type=int, default=None, help="pass --block-size-mb to stream-merge")
     ap.add_argument("--moe", type=_moe_shape, nargs="?", const=(128, 2048, 2048), default=None, metavar="E,OUT,IN",
                     help="merge one fused MoE expert tensor of this shape instead (default 128,2048,2048: 1 GiB)")
+    ap.add_argument("--pickle", action="store_true",
+                    help="merge the checkpoint re-saved as torch.save .bin shards, with --allow-pickle")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--json", type=Path, metavar="OUT.json")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic inputs for reuse")

@@ -109,45 +109,65 @@ def _config(args: argparse.Namespace) -> Any:
     return build_config(load_yaml(args.config) if args.config else None, **given)
 
 
-def _print_plan(plan: Any, out: Any) -> None:
-    s = plan.summary()
-    print(f"base: {s['base']}", file=out)
-    for i, a in enumerate(s["adapters"]):
-        print(f"adapter {i}: {a['path']} (weight {a['weight']:g})", file=out)
-    print(f"\n{'shard':<40} {'bytes':>14} {'tensors':>8} {'patched':>8} {'copied':>8}", file=out)
-    for sh in s["shards"]:
-        print(f"{sh['file']:<40} {sh['bytes']:>14,} {sh['tensors']:>8} {len(sh['patched']):>8} {sh['copied']:>8}",
-              file=out)
-    print(f"\n{'adapter module':<56} -> {'base tensor':<56} {'kind':<9} {'r':>4} {'scale':>9}  via", file=out)
-    for m in s["mapping"]:
-        print(f"{m['module']:<56} -> {m['target']:<56} {m['kind']:<9} {m['rank']:>4} {m['scale']:>9.4g}  {m['via']}",
-              file=out)
-    for u, v in s["config_updates"].items():
-        print(f"config.json: {u} -> {v}", file=out)
-    for w in s["warnings"]:
-        print(f"warning: {w}", file=out)
-    for p in s["problems"]:
-        print(f"problem: {p}", file=out)
+def _print_plan(plan: Any, disks: Any, warnings: Sequence[str] | None = None, notes: Sequence[str] = ()) -> None:
+    """The plan with its totals and, last, its verdict (plan_report); `disks` None: not computed."""
+    from .plan_report import report_lines
+
+    for line in report_lines(plan, disks, warnings, notes):
+        print(line)
 
 
-def _show_plan(plan: Any, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(plan.summary(), indent=2))
-    else:
-        _print_plan(plan, sys.stdout)
+def _print_json(plan: Any, disks: Any, warnings: Sequence[str] | None = None) -> None:
+    """plan --json: the plan's summary plus its diagnosis, totals and verdict."""
+    from .plan_report import diagnosis, totals_line, verdict
+
+    shown = list(plan.warnings) if warnings is None else list(warnings)
+    summary = {**plan.summary(), "warnings": shown, "diagnosis": diagnosis(plan),
+               "totals": totals_line(plan, disks), "verdict": verdict(plan, disks, len(shown))}
+    print(json.dumps(summary, indent=2))
+
+
+class _HeldWarnings(logging.Filter):
+    """While `plan` / `--dry-run` runs: the library's warnings are kept for the printed plan (which shows each
+    once, before its verdict) instead of going to stderr as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        msg = record.getMessage()
+        if msg not in self.messages:
+            self.messages.append(msg)
+        return False
+
+    def __enter__(self) -> _HeldWarnings:
+        logging.getLogger("stream_merge").addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("stream_merge").removeFilter(self)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan (exit 0), or the plan with its problems and a WILL FAIL verdict (exit 2, like a merge
+    that would refuse). Without OUT the free disk space is not measured: `merge --dry-run -o OUT` does."""
+    from .plan_report import planned_need
     from .runner import plan_merge
 
     cfg = _config(args)
-    try:
-        plan = plan_merge(cfg)[0]
-    except PlanError as exc:
-        if exc.plan is not None:  # show the whole plan with its problems, then fail
-            _show_plan(exc.plan, args.json)
-        raise
-    _show_plan(plan, args.json)
+    show = _print_json if args.json else _print_plan
+    with _HeldWarnings() as held:
+        try:
+            plan, base_src = plan_merge(cfg)[:2]
+        except PlanError as exc:
+            if exc.plan is not None:  # show the whole plan with its problems, then fail
+                show(exc.plan, None)
+            raise
+    need = planned_need(plan, [s.file for s in plan.shards], base_src.kind == "hub", cfg.prefetch)
+    show(plan, [need], held.messages)
     return 0
 
 
@@ -172,6 +192,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.output is None and not cfg.dry_run:
         raise ConfigError("no output folder", fix="pass -o OUT (or --dry-run to only check)")
+    if cfg.dry_run:
+        return _dry_run(cfg, args.quiet)
     reporter = Reporter(quiet=args.quiet)
     warnings = _Warnings()
     logging.getLogger("stream_merge").addHandler(warnings)
@@ -184,15 +206,41 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(cfg: Any, quiet: bool) -> int:
+    """merge --dry-run: the plan, its totals with the disk check, and the verdict last; exit 2 when the verdict
+    is a failure (problems, or not enough disk), with the error on stderr. With --quiet only the warnings, the
+    totals and the verdict."""
+    from .errors import DiskSpaceError
+    from .runner import run
+
+    note = ["dry run: nothing written"]
+    with _HeldWarnings() as held:
+        try:
+            report = run(cfg)
+        except (PlanError, DiskSpaceError) as exc:
+            shown = getattr(exc, "plan", None) or getattr(getattr(exc, "report", None), "plan", None)
+            if shown is not None:
+                disks = exc.report.disk if isinstance(exc, DiskSpaceError) else None
+                _print_dry_run(shown, disks, held.messages if disks is not None else None, quiet, note)
+            raise
+    _print_dry_run(report.plan, report.disk, held.messages, quiet, ["dry run: plan is valid, nothing written"])
+    return 0
+
+
+def _print_dry_run(plan: Any, disks: Any, warnings: Sequence[str] | None, quiet: bool, notes: Sequence[str]) -> None:
+    from .plan_report import report_lines
+
+    lines = report_lines(plan, disks, warnings, notes)
+    if quiet:
+        lines = [ln for ln in lines if ln.startswith(("warning:", "dry run:", "totals:", "verdict:"))]
+    for line in lines:
+        print(line)
+
+
 def _summary(cfg: Any, report: Any, reporter: Any, warnings: Sequence[str], quiet: bool) -> None:
     """What happened, on stdout: the totals, what a resume kept, the config changes, the warnings again, the
     Hub URL and the next step. Printed with --quiet too (which silences only progress)."""
     p = report.plan
-    if report.dry_run:
-        if not quiet:
-            _print_plan(p, sys.stdout)
-        print("dry run: plan is valid, nothing written")
-        return
     gib = 2**30
     written = reporter.written(report.shards) if report.resumed_shards else report.bytes_written
     if report.pending:
@@ -257,8 +305,10 @@ def _report_error(exc: StreamMergeError) -> int:
     """Print a StreamMergeError as one line (a plan's problems as a list) and return its exit code."""
     problems = getattr(exc, "problems", ())
     if len(problems) > 1:
+        from .plan_report import problem_lines
+
         print(f"error: the merge plan has {len(problems)} problems; nothing was written:", file=sys.stderr)
-        for p in problems:
+        for p in problem_lines(problems, getattr(exc, "plan", None)):
             print(f"  - {p}", file=sys.stderr)
     else:
         print(f"error: {exc.one_line()}", file=sys.stderr)

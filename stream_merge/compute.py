@@ -34,12 +34,27 @@ class Compute:
     copy_bytes: int = 4 * 1024 * 1024
     threads: int = 1
     direct_io: bool = True  # write shards with O_DIRECT where the file system allows (see direct_io)
+    pipeline: bool | None = None  # patched blocks through cuda_pipeline's staging ring; None: on a GPU only
+    device_block_bytes: int = 64 * 1024 * 1024  # the row-block budget (fp32 bytes) of a pipelined merge
+    ring_slots: int = 3  # blocks in flight in the pipeline: H2D of one, merge of the next, D2H of a third
+    rings: object = field(default=None, repr=False, compare=False)  # cuda_pipeline.RingPool, made on first use
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether patched tensors go through the device pipeline (by default on a GPU: a transfer per
+        small block, one at a time, would leave the copy engines and the SMs idle)."""
+        return self.device.type == "cuda" if self.pipeline is None else self.pipeline
+
+    @property
+    def row_block_bytes(self) -> int:
+        """The row-block budget in fp32 bytes: cache-sized on CPU, tens of MiB for the device pipeline."""
+        return self.device_block_bytes if self.pipelined else self.block_bytes
 
     @property
     def buffer_bytes(self) -> int:
         """Pool buffer size: a copy chunk, or the largest output block (the last block absorbs a remainder of
         up to one block, see row_blocks)."""
-        return max(self.copy_bytes, 2 * self.block_bytes + 8)
+        return max(self.copy_bytes, 2 * self.row_block_bytes + 8)
 
     @property
     def depth(self) -> int:
@@ -87,10 +102,11 @@ def torch_settings() -> Iterator[None]:
 
 
 def compute_threads(device: torch.device) -> int:
-    """Jobs to run at once: one per usable core on CPU (at most 8: past that the writer is the limit), one
-    on a GPU (it is fed from one thread)."""
+    """Jobs to run at once: one per usable core on CPU (at most 8: past that the writer is the limit); two on
+    a GPU (each tensor's blocks go through their own staging ring and streams (cuda_pipeline), so the next
+    tensor's first blocks are copied in while this one's last blocks are merged and copied back)."""
     if device.type != "cpu":
-        return 1
+        return 2
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -51,7 +51,9 @@ class MergeConfig:
                      help="output dtype of floating tensors (default auto: each tensor keeps the base's dtype); "
                           "integer and fp8 tensors are left alone")
     allow_pickle: bool = opt(False, coerce=o.flag, flags=("--allow-pickle",), record=True, fingerprint=True,
-                             help="accept adapter_model.bin (loaded with torch.load(weights_only=True))")
+                             help="accept PyTorch pickle weights: adapter_model.bin (torch.load(weights_only=True)) "
+                                  "and pytorch_model*.bin bases (parsed without running the pickle, read tensor by "
+                                  "tensor; the output is safetensors)")
     token: str | None = opt(None, coerce=o.string, flags=("--token",), repr=False, cli={"metavar": "TOKEN"},
                             help="Hugging Face token for gated or private repos (default: HF_TOKEN or the saved login)")
     output: str | None = opt(None, coerce=o.string, flags=("-o", "--output"), commands=("merge",), aliases=("out",),

@@ -89,6 +89,13 @@ class OutputError(StreamMergeError):
     """The output folder cannot be used (inside an input, locked, out of space, ...)."""
 
 
+class DiskSpaceError(OutputError):
+    """Not enough free disk space for what the merge writes (and downloads). A dry run's carries its `report`
+    (the plan and the disks measured), so the CLI can show the plan and its verdict before the error."""
+
+    report: object = None
+
+
 class NonFiniteError(StreamMergeError):
     """A merged tensor or adapter factor holds NaN or Inf."""
 

@@ -14,7 +14,7 @@ sha is used for every file afterwards, so a branch that moves during a run canno
 - Cleanup by ownership: only files this source downloaded, and the partial files of the shards it downloads,
   are removed; the area's folders go once they are empty (another worker's files are never touched).
 - Integrity: every file we use is hashed and compared with the Hub's digest (huggingface_hub checks only
-  sizes); a mismatch is downloaded once more, then fails naming the file. Transient errors (dropped
+  sizes; shards are hashed while they download, `hub_follow`, so the check adds no time); a mismatch is downloaded once more, then fails naming the file. Transient errors (dropped
   connections, 5xx, timeouts) are retried by `hub_errors.call_with_retries`; every request has a timeout
   (`hub_http`).
 - HF_HUB_OFFLINE=1: the revision comes from the cache's refs, files from its snapshot, digests from the blob
@@ -34,16 +34,19 @@ from typing import Any, TypeVar
 
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, load_json, read_index
+from .checkpoint import (INDEX_NAME, SINGLE_NAME, check_pickle_allowed, index_shard_names, load_json, read_index,
+                         read_shard_header, weight_files)
 from .errors import HubError, StreamMergeError
 from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
 from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revision, digest_matches,
                         drop_stale_partials, remember_ref, remote_file, remove_empty_area, repo_cache_dir, snapshot_dir)
 from .hub_errors import call_with_retries, hub_error, split_spec
+from .hub_follow import PartialFollower
 from .hub_http import install_timeouts, read_range
 from .progress import Arrivals
 from .records import BaseIndex, ShardHeader
-from .safetensors_io import MAX_HEADER_BYTES, parse_header, read_header_file
+from .pickle_io import read_pickle_header
+from .safetensors_io import MAX_HEADER_BYTES, parse_header
 
 try:
     from huggingface_hub.utils.tqdm import silent_tqdm as _quiet_bar
@@ -57,6 +60,7 @@ T = TypeVar("T")
 
 HEADER_PROBE = 100_000          # first range read of a shard; larger headers take a second one
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
+FOLLOW_MIN = 1 << 20            # LFS files at least this big are hashed while they download
 BASE_CARD = "README.md"         # fetched with the small files: the output's card keeps its text and licence
 
 
@@ -114,9 +118,10 @@ class HubSource:
         """The files planning needs: index and side files of a base; the adapter's files (top level or one
         sub-folder) and its tokenizer."""
         if self.what == "BASE":
-            if INDEX_NAME not in self.files and SINGLE_NAME not in self.files:
+            layout = weight_files(self.files)
+            if layout is None:
                 raise self._no_weights()
-            return [n for n, f in self.files.items() if n == INDEX_NAME or is_side_file(n, f.size)
+            return [n for n, f in self.files.items() if n == layout.index or is_side_file(n, f.size)
                     or (n == BASE_CARD and f.size <= MAX_SIDE_FILE)]
         names = [n for n in self.files if n.count("/") <= 1 and PurePosixPath(n).name in
                  ADAPTER_FILES + TOKENIZER_FILES]
@@ -162,10 +167,14 @@ class HubSource:
     def folder(self) -> Path:
         return self.snapshot
 
-    def base_index(self, label: str) -> BaseIndex:
+    def base_index(self, label: str, allow_pickle: bool = False) -> BaseIndex:
         """Index and shard headers: from the HF cache where a shard is there, else by range requests."""
         if self.what != "BASE":
             raise HubError(f"{self.spec} was opened as {self.what}, not as BASE")
+        layout = weight_files(self.files)
+        if layout is None:
+            raise self._no_weights()
+        check_pickle_allowed(layout, allow_pickle, self.spec)
         names = self._shard_names()
         missing = [n for n in names if n not in self.files]
         if missing:
@@ -186,20 +195,21 @@ class HubSource:
                 raise got
             return got
 
-        index = read_index(self.snapshot, header_reader=reader, label=label)
+        index = read_index(self.snapshot, header_reader=reader, label=label, allow_pickle=allow_pickle, files=layout)
         side_files(self.snapshot)  # refuses a side file linked out of the snapshot and its blob store
         return index
 
     def _shard_names(self) -> list[str]:
-        if INDEX_NAME not in self.files:
-            return [SINGLE_NAME]
-        index_path = self.snapshot / INDEX_NAME
+        layout = weight_files(self.files)
+        if layout is None:
+            raise self._no_weights()
+        if layout.index is None:
+            return [layout.single]
+        index_path = self.snapshot / layout.index
         if not index_path.is_file():
-            raise HubError(f"{INDEX_NAME} of {self.repo_id} is not in the HF cache and HF_HUB_OFFLINE=1 is set",
+            raise HubError(f"{layout.index} of {self.repo_id} is not in the HF cache and HF_HUB_OFFLINE=1 is set",
                            file=str(index_path), fix="run once online")
-        index = load_json(index_path, "checkpoint index")
-        wmap = index.get("weight_map") if isinstance(index, dict) else None
-        return sorted({check_shard_name(v, str(index_path)) for v in wmap.values()}) if isinstance(wmap, dict) else []
+        return sorted(set(index_shard_names(load_json(index_path, "checkpoint index"), str(index_path), layout).values()))
 
     def available(self, file: str) -> bool:
         """Whether the shard can be read without downloading it (it is in the HF cache)."""
@@ -329,8 +339,13 @@ class HubSource:
         entry = self.files[name]
         got = ""
         for attempt in range(2):
-            path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
-            ok, got = digest_matches(path, entry)
+            if entry.sha256 and entry.size >= FOLLOW_MIN:  # shards: hashed while they download
+                with PartialFollower(self._partials_dir(name, local_dir), entry) as follower:
+                    path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
+                    ok, got = follower.verdict(path)
+            else:
+                path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
+                ok, got = digest_matches(path, entry)
             if ok:
                 if self.arrivals is not None:
                     self.arrivals.finish(name)
@@ -348,6 +363,12 @@ class HubSource:
                        f"from the Hub's {kind} ({got[:16]}... instead of {want[:16]}...)", file=name,
                        fix="retry later; if it persists, the file or a proxy on the way is corrupt")
 
+    def _partials_dir(self, name: str, local_dir: Path | None) -> Path:
+        """Where huggingface_hub writes `name`'s partial file (see hub_cache's module docstring)."""
+        if local_dir is None:
+            return repo_cache_dir(self.repo_id) / "blobs"
+        return local_dir / HF_LOCAL_DIR_META / "download" / PurePosixPath(name).parent
+
     def _download(self, name: str, local_dir: Path | None, force: bool) -> Path:
         kwargs: dict[str, Any] = dict(revision=self.revision, token=self.token, force_download=force)
         if _quiet_bar is not None:
@@ -362,7 +383,7 @@ class HubSource:
             local = self._cached(name)
             if local is not None:
                 try:
-                    return read_header_file(local, name)
+                    return read_shard_header(local, name)
                 except StreamMergeError:
                     if self.offline:
                         raise
@@ -387,6 +408,8 @@ class HubSource:
         def get(start: int, end: int) -> bytes:
             return self._call(lambda: read_range(url, start, end, self.token), file=name)
 
+        if name.endswith(".bin"):  # a torch.save zip: its directory, data.pkl and storage headers by ranges
+            return read_pickle_header(get, size, name)
         head = get(0, min(size, HEADER_PROBE))
         if len(head) >= 8:
             (n,) = struct.unpack("<Q", head[:8])

@@ -27,24 +27,11 @@ from .errors import HubError
 from .hub_cache import git_blob_sha1
 from .hub_errors import call_with_retries, is_transient, short_error
 from .hub_http import install_timeouts
+from .push_file import HashedAdd
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")
 MAX_PENDING = 2  # with local_copy=False: shards waiting for upload before the merge waits for the uploader
-
-
-def _shard_op(path: Path, file: str, sha256: str) -> CommitOperationAdd:
-    """The upload of a shard whose sha256 the writer computed while writing it: the client then reads the file
-    only to send it (no second hashing pass); the Hub checks the bytes it receives against this sha256, so a
-    shard changed on disk since is refused, never stored under the wrong digest."""
-    op = CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(path))  # reads the size and 512 bytes
-    if getattr(op.upload_info, "is_hashed", True):  # an older client hashed it already: compare
-        if op.upload_info.sha256.hex() != sha256:
-            raise HubError(f"{file} changed on disk after it was written (sha256 differs from the journal)",
-                           file=str(path), fix="re-run the merge; the shard will be rewritten")
-    else:
-        op.upload_info.sha256 = bytes.fromhex(sha256)
-    return op
 
 
 class Pusher:
@@ -132,15 +119,22 @@ class Pusher:
                     self._cond.notify_all()
 
     def _commit_shards(self, batch: list[tuple[str, str]]) -> None:
+        """Upload the shards (their sha256 is the journal's: no pass over the file before the upload; the bytes
+        sent are hashed on the way and checked before the commit), then commit them in one commit."""
         files = [f for f, _ in batch]
-        ops: list[Any] = []
-        for file, sha in batch:
-            ops.append(_shard_op(self.out / file, file, sha))
+        adds = [HashedAdd.known(file, self.out / file, sha) for file, sha in batch]
+        what = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        self._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=adds, free_memory=False),
+                   f"uploading {what}", retry=False)
+        for add, (file, sha) in zip(adds, batch):
+            if add.sent_sha256() not in (None, sha):
+                raise HubError(f"{file} changed on disk after it was written (sha256 differs from the journal)",
+                               file=str(self.out / file), fix="re-run the merge; the shard will be rewritten")
+        ops: list[Any] = list(adds)
         if self._delete_index:
             ops.append(CommitOperationDelete(path_in_repo=INDEX_NAME))
-        what = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         self._call(lambda: self.api.create_commit(self.repo_id, ops, commit_message=f"stream-merge: upload {what}"),
-                   f"uploading {what}", retry=False)
+                   f"committing {what}", retry=False)
         self._delete_index = False
         for file, sha in batch:
             self.remote[file] = (sha, None)

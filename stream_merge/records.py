@@ -61,17 +61,35 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ShardHeader:
-    """A parsed safetensors header. `tensors` keeps the header's JSON order."""
+    """A parsed safetensors header. `tensors` keeps the header's JSON order. A reader of another format
+    (torch.save's zip, `pickle_io`) sets `data_start=0` and gives absolute offsets in its TensorInfos."""
 
     file: str
     size: int
     header_len: int
     tensors: tuple[TensorInfo, ...]
     metadata: Mapping[str, str] | None = None
+    data_start: int | None = None  # None: a safetensors file (data after the 8-byte length and the header)
 
     @property
     def data_offset(self) -> int:
-        return 8 + self.header_len
+        """Where the offsets of `tensors` count from: the one place that says so."""
+        return 8 + self.header_len if self.data_start is None else self.data_start
+
+    @property
+    def safetensors(self) -> bool:
+        """Whether the file is safetensors (its own header bytes can be copied to an output)."""
+        return self.data_start is None
+
+    @property
+    def output_name(self) -> str:
+        """The name of this shard's output in the base's layout: its own for safetensors; for a PyTorch
+        `.bin` the safetensors name transformers gives it (`pytorch_model.bin` -> `model.safetensors`,
+        `pytorch_model-00001-of-00002.bin` -> `model-00001-of-00002.safetensors`)."""
+        if self.safetensors:
+            return self.file
+        stem = self.file.removesuffix(".bin")
+        return ("model" + stem[len("pytorch_model"):] if stem.startswith("pytorch_model") else stem) + ".safetensors"
 
     @cached_property
     def by_name(self) -> Mapping[str, TensorInfo]:
@@ -335,6 +353,7 @@ class MergeReport:
     dry_run: bool = False
     resumed_shards: int = 0
     pending: tuple[str, ...] = ()  # shards other workers still have to finish (partitioned runs)
+    disk: tuple[Any, ...] = ()  # a dry run's plan_report.DiskNeed per file system: needed and free bytes
 
     @property
     def bytes_written(self) -> int:

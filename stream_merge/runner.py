@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from .adapter import load_adapter
-from .checkpoint import INDEX_NAME, load_model_config
+from .checkpoint import INDEX_NAME
 from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
 from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError, StreamMergeError
 from .extras import RECORD_NAME
 from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
 from .completion import finalize_output, printable, shipped_files
+from .disk_space import check_disk as _check_disk, planned_disks, short_disk_error
 from .journal import SHARDS_DIR, Journal
 from .locking import out_lock
 from .partition import parse_worker, split
@@ -39,6 +40,7 @@ from .resume import (check_same_merge, fingerprint, inputs_record, journal_resul
                      pending_shards, prepare_journal, read_record, shard_done)
 from .shard_loop import merge_shards
 from .sources import DOWNLOADS_DIR, Source, resolve_source
+from .trained_on import find_trained_on
 from .worker import Compute, compute_threads, torch_settings
 
 log = logging.getLogger("stream_merge")
@@ -66,39 +68,6 @@ def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
         if o == p or p in o.parents or o in p.parents:
             raise OutputError(f"output folder {str(out)!r} overlaps input {str(p)!r}", file=str(out),
                               fix="choose an output folder outside the base and adapter folders")
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_disk(out: Path, plan: MergePlan, todo: Sequence[str], downloads: Sequence[tuple[Path, int]] = (),
-                keep_outputs: bool = True) -> None:
-    """Free space for what is left to write, one shard of headroom and, for Hub bases, the downloaded shards
-    that can be on disk at once (on whichever disk they go to)."""
-    sizes = {s.file: s.in_bytes - sum(t.source.nbytes for t in s.tensors) + s.out_data_bytes for s in plan.shards}
-    biggest = max(sizes.values()) if sizes else 0
-    need = sum(sizes[f] for f in todo) + biggest
-    if not keep_outputs:  # pushed shards leave OUT: at most the ones waiting for upload, plus the current one
-        from .push import MAX_PENDING
-
-        need = min(need, (MAX_PENDING + 2) * biggest)
-    disks: dict[int, list[Any]] = {out.stat().st_dev: [out, need, 0]}
-    for where, n in downloads:
-        disk = disks.setdefault(_existing(where).stat().st_dev, [_existing(where), 0, 0])
-        disk[1] += n
-        disk[2] += n
-    for path, need, fetched in disks.values():
-        free = shutil.disk_usage(path).free
-        if free < need:
-            what = "what is left to write plus one shard of headroom" if need > fetched else "base shards to download"
-            if fetched and need > fetched:
-                what += f", and {fetched / 2**30:.1f} GiB of base shards downloaded at once"
-            raise OutputError(f"not enough free disk space: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB "
-                              f"needed ({what})", file=str(path),
-                              fix="free some space or choose another output folder; finished shards are kept")
 
 
 def download_area(out: Path) -> Path:
@@ -133,21 +102,19 @@ def remove_download_area(out: Path) -> None:
 
 def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[str]]:
     """Resolve the inputs and build the plan; no writes. Raises PlanError listing every problem."""
-    out = Path(cfg.output).expanduser() if cfg.output and not cfg.dry_run else None
+    out = Path(cfg.output).expanduser() if cfg.output else None  # a dry run measures the download area's disk
     base_src = resolve_source(cfg.base, "BASE", token=cfg.token, keep_downloads=cfg.keep_downloads,
                               download_dir=None if out is None else download_area(out))
     adapter_srcs = [resolve_source(a, "ADAPTER", token=cfg.token) for a in cfg.adapters]
-    base = base_src.base_index(cfg.base)
+    base = base_src.base_index(cfg.base, allow_pickle=cfg.allow_pickle)
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
                                                  dequantize=cfg.dequantize, dtype=cfg.dtype))
     findings: list[str] = []
-    for src, spec in zip(adapter_srcs, specs):
-        model_cfg_path = Path(spec.path) / "config.json"
-        model_cfg = load_model_config(model_cfg_path, "adapter's config.json") if model_cfg_path.exists() else None
-        base_name = cfg.base.split("@", 1)[0] if base_src.kind == "hub" else cfg.base  # the id, not the revision
-        findings += compatibility_findings(base_name, base.config, src.spec, spec.raw_config, model_cfg)
+    for spec in specs:  # configs compared, not names: a renamed local copy of the same model is the same model
+        trained_on = find_trained_on(Path(spec.path), spec.raw_config)
+        findings += compatibility_findings(base, spec, trained_on, plan.config_updates.get("vocab_size"))
     if plan.problems:
         raise PlanError(plan.problems, plan=plan)
     if findings and cfg.strict:
@@ -330,8 +297,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         check_platform()
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
     if cfg.dry_run or cfg.output is None:
-        return MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
-                           peak_rss_bytes=peak_rss_bytes(), dry_run=True)
+        return _dry_run(cfg, plan, base_src, t0)
     job, complete, pending = None, False, []
     try:
         job = _start(cfg, plan, base_src, adapter_srcs, findings)
@@ -353,6 +319,21 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
             remove_download_area(job.out)
     return MergeReport(output=str(job.out), plan=plan, shards=tuple(results), seconds=time.perf_counter() - t0,
                        peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(job.done), pending=tuple(pending))
+
+
+def _dry_run(cfg: MergeConfig, plan: MergePlan, base_src: Source, t0: float) -> MergeReport:
+    """The report of a merge that only plans: with OUT, the disk check too (DiskSpaceError, carrying this
+    report, when a disk is short); nothing is written."""
+    out = Path(cfg.output).expanduser() if cfg.output else None
+    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy)
+    report = MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
+                         peak_rss_bytes=peak_rss_bytes(), dry_run=True, disk=tuple(disks))
+    short = next((d for d in disks if d.short), None)
+    if short is not None:
+        error = short_disk_error(short)
+        error.report = report
+        raise error
+    return report
 
 
 def _partition(cfg: MergeConfig, plan: MergePlan) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .checkpoint import read_index, regular_file
-from .errors import InputError
+from .errors import HubError, InputError
 from .extras import side_files
 from .records import BaseIndex
 
@@ -31,8 +31,8 @@ class Source(Protocol):
     def folder(self) -> Path:
         """A local folder with the small files (configs, tokenizer; for adapters, the adapter files too)."""
 
-    def base_index(self, label: str) -> BaseIndex:
-        """Index + shard headers, without reading tensor data."""
+    def base_index(self, label: str, allow_pickle: bool = False) -> BaseIndex:
+        """Index + shard headers, without reading tensor data (`allow_pickle`: PyTorch .bin bases too)."""
 
     def available(self, file: str) -> bool:
         """Whether the shard can be read without downloading it."""
@@ -70,8 +70,8 @@ class LocalSource:
     def folder(self) -> Path:
         return self.path
 
-    def base_index(self, label: str) -> BaseIndex:
-        index = read_index(self.path, label=label)
+    def base_index(self, label: str, allow_pickle: bool = False) -> BaseIndex:
+        index = read_index(self.path, label=label, allow_pickle=allow_pickle)
         side_files(self.path)  # refuses a side file linked out of BASE before any work
         return index
 
@@ -99,8 +99,16 @@ class LocalSource:
         pass
 
 
+# HubError texts (hub_errors.py) that mean "no such repo here": the user may have meant a local folder
+NOT_ON_HUB = ("was not found on", "is not in the HF cache", "cannot reach the Hub", "cannot locate")
+
+
 def resolve_source(spec: str, what: str, **hub_options: Any) -> Source:
-    """A local folder, or a Hub repo `org/name[@revision]` (hub_options: token, download_dir, keep_downloads)."""
+    """A local folder, or a Hub repo `org/name[@revision]` (hub_options: token, download_dir, keep_downloads).
+
+    `org/name` that is not an existing folder is looked up on the Hub; when that fails for want of the repo
+    (not found, offline), the error says so and that `./org/name` insists on a folder. A path that starts
+    with `.`, `/` or `~` (or has more than one slash) is never looked up: it is a folder or "no such folder"."""
     path = Path(spec).expanduser()
     if path.exists():
         return LocalSource(spec=spec, path=path.resolve())
@@ -110,5 +118,13 @@ def resolve_source(spec: str, what: str, **hub_options: Any) -> Source:
         except ImportError:
             raise InputError(f"{what} {spec!r} is not a local folder, and downloading from the Hub is not "
                              "supported in this version", fix="download it first and pass the folder") from None
-        return HubSource.open(spec, what, **hub_options)
-    raise InputError(f"{what} folder not found", file=spec, fix="check the path")
+        try:
+            return HubSource.open(spec, what, **hub_options)
+        except HubError as exc:
+            if not any(text in exc.message for text in NOT_ON_HUB):
+                raise
+            raise HubError(f"{exc.message} ({what} {spec!r} was taken as a Hub repo id because no folder of that "
+                           f"name exists; write ./{spec} to insist on a local folder)", file=exc.file,
+                           fix=exc.fix) from None
+    local = " (a path, so it was not looked up on the Hub)" if HUB_ID.match(spec.lstrip("./~")) else ""
+    raise InputError(f"{what} folder not found: no such folder{local}", file=spec, fix="check the path")

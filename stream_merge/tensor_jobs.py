@@ -19,6 +19,7 @@ import torch
 
 from .adapter import AdapterReader
 from .compute import Compute, Job, Scratch
+from .cuda_pipeline import TensorPipeline, ring_pool
 from .errors import NonFiniteError
 from .lora import expert_blocks, row_blocks
 from .recipes import (Factor, Recipe, add_delta, add_rounded_delta, choose_recipe, dora_rows, fp8_encode, fp8_merge,
@@ -80,7 +81,7 @@ def _fused_experts(tp: TensorPlan) -> bool:
 
 
 def _blocks(tp: TensorPlan, rows: int, row_elems: int, compute: Compute) -> list[tuple[int, int]]:
-    want = max(1, compute.block_bytes // max(1, row_elems * 4))
+    want = max(1, compute.row_block_bytes // max(1, row_elems * 4))
     if _fused_experts(tp):
         return expert_blocks(tp.shape[0], tp.shape[1], want)
     kinds = [p.kind for p in tp.patches]
@@ -94,10 +95,12 @@ class _TensorMerge:
 
     def __init__(self, tp: TensorPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
                  scratch: Scratch) -> None:
-        self.tp, self.reader, self.adapters, self.scratch = tp, reader, adapters, scratch
+        self.tp, self.reader, self.adapters, self.scratch, self.compute = tp, reader, adapters, scratch, compute
+        self.name = tp.name
         self.dev = compute.device
         self.dtype = TORCH_DTYPES[tp.source.dtype]  # what the merge rounds to (PEFT's base dtype)
         self.out_dtype = TORCH_DTYPES[tp.dtype]
+        self.out_itemsize = DTYPE_SIZES[tp.dtype]
         shape = tp.shape if tp.shape else (1,)
         self.view_shape = (shape[0] * shape[1], *shape[2:]) if _fused_experts(tp) else shape
         self.row_elems = numel(self.view_shape[1:])
@@ -174,7 +177,44 @@ class _TensorMerge:
         if recipe.check_finite:
             check_finite_rows(tp.name, tp.source.dtype, merged, out, lambda: self.base_rows(r0, r1), r0, r1)
 
+    # --- the device pipeline's view of this merge (cuda_pipeline.BlockMath) ---
+
+    def block_shape(self, r0: int, r1: int) -> tuple[int, ...]:
+        return (r1 - r0, *self.view_shape[1:])
+
+    def base_view(self, r0: int, r1: int) -> memoryview:
+        itemsize = DTYPE_SIZES[self.tp.source.dtype]
+        return self.reader.view(self.tp.source.start + r0 * self.row_elems * itemsize,
+                                (r1 - r0) * self.row_elems * itemsize)
+
+    def release_view(self, view: memoryview) -> None:
+        unmap(view)
+
+    def compute_block(self, base: torch.Tensor, out: torch.Tensor, r0: int, r1: int) -> torch.Tensor | None:
+        """The recipe on the device: base rows -> `out`; the result to check for NaN/Inf, if checked."""
+        merged = self.apply(base, out, r0, r1)
+        return merged if self.recipe.check_finite else None
+
+    def finish(self, stat: torch.Tensor | None, out: torch.Tensor, r0: int, r1: int, buf: bytearray) -> None:
+        """A block back on the host: check it (`stat` holds the device's fp32 sum of the merged block), then
+        write it to `buf` in the output dtype."""
+        if self.recipe.check_finite and stat is not None:
+            check_finite_rows(self.tp.name, self.tp.source.dtype, stat, out, lambda: self.base_rows(r0, r1), r0, r1)
+        final = torch.frombuffer(buf, dtype=self.out_dtype, count=out.numel()).view(out.shape)
+        final.copy_(out)
+        if self.out_dtype != self.dtype:
+            check_conversion(self.tp.name, out, final, f"rows {r0}..{r1}")
+
+    def pipelined(self) -> bool:
+        """Whether this tensor's blocks go through the device pipeline: base rows read from a map and merged by
+        a rule that needs nothing but those rows and the factors."""
+        return (self.compute.pipelined and self.recipe.base == "map"
+                and self.recipe.rule in ("add", "add_rounded", "dora"))
+
     def jobs(self) -> Iterator[Job]:
+        if self.pipelined():
+            yield from TensorPipeline(self, ring_pool(self.compute)).jobs()
+            return
         itemsize = DTYPE_SIZES[self.tp.dtype]
         for r0, r1 in self.blocks:
             nbytes = (r1 - r0) * self.row_elems * itemsize

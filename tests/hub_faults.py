@@ -3,7 +3,8 @@
 ``FaultInjection`` is mixed into ``HubServer``: ``add_fault`` and the shortcuts ``drop``, ``corrupt``, ``fail``,
 ``wrong_etag``, ``delay`` and ``ignore_range`` apply to requests whose path matches a pattern, optionally for
 the first N matching requests only. The request handler asks ``take_faults`` which faults a request gets and
-passes its response body through ``faulty_body``. ``silent_server`` is a socket that accepts connections and
+passes its response body through ``faulty_body``. ``TokenBucket`` limits the bandwidth of one direction (the
+server keeps one for downloads and one for uploads, each shared by all connections, as a full-duplex link). ``silent_server`` is a socket that accepts connections and
 never answers (a hung Hub or proxy).
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import fnmatch
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -136,6 +138,37 @@ def faulty_body(chunks: Iterable[bytes], faults: Iterable[Fault], on_drop: Calla
             on_drop(chunk[: drop_at - pos])
         yield chunk
         pos += len(chunk)
+
+
+class TokenBucket:
+    """A bandwidth limit of ``rate`` bytes/s shared by every caller of ``take``.
+
+    Debt-based: ``take(n)`` takes its n tokens at once (the balance may go negative) and then sleeps until the
+    balance it left is paid back, so concurrent callers are served in turn and the long-run total is at most
+    ``rate`` plus one ``burst``. ``clock`` and ``sleep`` are injectable so tests can use a fake clock.
+    """
+
+    def __init__(self, rate: float, burst: float | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(256 * 1024.0, self.rate / 20)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = self.burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> float:
+        """Account for ``n`` bytes; returns the seconds slept."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - n
+            self._last = now
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
 
 
 @contextlib.contextmanager

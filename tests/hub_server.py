@@ -32,6 +32,13 @@ Request log and faults
     client has seen a response its log entry exists. Faults (drops, corrupted bodies, error statuses, wrong
     ETags, delays, ignored ranges) live in ``hub_faults.py``; ``HubServer`` mixes them in.
 
+Bandwidth and big repos
+    ``rate_down`` / ``rate_up`` (bytes/s) limit response bodies and request bodies separately, each direction
+    shared by all connections (``hub_faults.TokenBucket``). A blob may be made on demand (``Blob.generated``,
+    see ``hub_procedural.py``); with ``discard_uploads`` an LFS upload is hashed while it is received and
+    dropped (its size and sha256 are kept, so verify and commit work). ``on_event`` receives one dict per
+    finished file GET, LFS upload and commit (``hub_procedural`` writes them to a JSON-lines log).
+
 Scope
     Model repos only, and only the endpoints stream-merge and its tests use (no datasets/spaces, whoami,
     DELETE/PATCH, folder deletes or LFS downloads).
@@ -53,14 +60,14 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 try:
-    from hub_faults import Fault, FaultInjection, faulty_body
+    from hub_faults import Fault, FaultInjection, TokenBucket, faulty_body
     from hub_store import _EPOCH, _HEX40, _URL_PREFIX, Blob, Commit, HubRepo, _iso
 except ImportError:  # tests/ imported as a package
-    from tests.hub_faults import Fault, FaultInjection, faulty_body
+    from tests.hub_faults import Fault, FaultInjection, TokenBucket, faulty_body
     from tests.hub_store import _EPOCH, _HEX40, _URL_PREFIX, Blob, Commit, HubRepo, _iso
 
 __all__ = [
@@ -150,8 +157,17 @@ class HubServer(FaultInjection):
         lfs_suffixes: Iterable[str] = DEFAULT_LFS_SUFFIXES,
         tree_page_size: int = 1000,
         write_token: str | None = None,
+        rate_down: float | None = None,
+        rate_up: float | None = None,
+        discard_uploads: bool = False,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ):
         super().__init__()
+        self.down = TokenBucket(rate_down) if rate_down else None
+        self.up = TokenBucket(rate_up) if rate_up else None
+        self.discard_uploads = discard_uploads
+        self.trust_uploads = False  # True: store an LFS upload under its oid unchecked, as a presigned S3 PUT does
+        self.on_event = on_event
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.lfs_dir = self.root / "lfs-objects"
@@ -422,6 +438,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if not buf:
                         raise _Abort("eof in chunk")
                     remaining -= len(buf)
+                    self._throttle(self.hub.up, len(buf))
                     yield buf
                 self.rfile.readline(3)  # CRLF after the chunk
         else:
@@ -431,7 +448,17 @@ class _Handler(BaseHTTPRequestHandler):
                 if not buf:
                     raise _Abort("eof in body")
                 remaining -= len(buf)
+                self._throttle(self.hub.up, len(buf))
                 yield buf
+
+    @staticmethod
+    def _throttle(bucket: TokenBucket | None, n: int) -> None:
+        if bucket is not None:
+            bucket.take(n)
+
+    def _event(self, **event: Any) -> None:
+        if self.hub.on_event is not None:
+            self.hub.on_event(event)
 
     def _read_body(self) -> bytes:
         return b"".join(self._iter_body())
@@ -492,6 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop_now(entry)
 
         for chunk in faulty_body(chunks, self._faults, drop):
+            self._throttle(self.hub.down, len(chunk))
             # Counted before the write: once the client has read the bytes, the log already shows them.
             entry.bytes_sent += len(chunk)
             self.wfile.write(chunk)
@@ -732,7 +760,10 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
         self._start(status, headers, end - start)
         if self.command == "GET":
+            t0 = time.time()
             self._write_body(blob.iter_range(start, end))
+            if blob.lfs:
+                self._event(ev="get", repo=repo_id, path=path, start=start, end=end, t0=t0, t1=time.time())
 
     # ------------------------------------------------------------ repo info, refs, tree, paths-info
     def _file_entry(self, repo: HubRepo, commit: Commit, path: str, expand: bool) -> dict:
@@ -932,6 +963,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _lfs_put(self, oid: str) -> None:
         if not re.fullmatch(r"[0-9a-f]{64}", oid):
             raise _HTTPError(400, "invalid oid")
+        if self.hub.discard_uploads:
+            return self._lfs_put_discard(oid)
         fd, tmp = tempfile.mkstemp(dir=self.hub.lfs_dir, prefix=".upload-")
         h = hashlib.sha256()
         size = 0
@@ -941,7 +974,7 @@ class _Handler(BaseHTTPRequestHandler):
                     h.update(chunk)
                     size += len(chunk)
                     f.write(chunk)
-            if h.hexdigest() != oid:
+            if h.hexdigest() != oid and not self.hub.trust_uploads:
                 raise _HTTPError(400, f"sha256 mismatch: got {h.hexdigest()}, expected {oid}")
             final = self.hub.lfs_dir / oid
             os.replace(tmp, final)
@@ -952,6 +985,21 @@ class _Handler(BaseHTTPRequestHandler):
         blob = Blob.from_source(final, lfs=True, policy=lambda _: True)
         with self.hub._lock:
             self.hub.lfs_objects[oid] = blob
+        self._send_bytes(200, b"", {"ETag": f'"{oid}"'}, content_type="text/plain")
+
+    def _lfs_put_discard(self, oid: str) -> None:
+        """Hash the upload while it arrives and keep only its size and sha256."""
+        t0 = time.time()
+        h = hashlib.sha256()
+        size = 0
+        for chunk in self._iter_body():
+            h.update(chunk)
+            size += len(chunk)
+        if h.hexdigest() != oid:
+            raise _HTTPError(400, f"sha256 mismatch: got {h.hexdigest()}, expected {oid}")
+        with self.hub._lock:
+            self.hub.lfs_objects[oid] = Blob.discarded(size, oid)
+        self._event(ev="put", oid=oid, size=size, t0=t0, t1=time.time())
         self._send_bytes(200, b"", {"ETag": f'"{oid}"'}, content_type="text/plain")
 
     def _lfs_verify(self, oid: str) -> None:
@@ -1000,6 +1048,9 @@ class _Handler(BaseHTTPRequestHandler):
                 pr_url = f"{hub.endpoint}/{repo.url_path}/discussions/{repo.pr_count}"
             else:
                 repo.branches[revision] = commit.sha
+        self._event(ev="commit", repo=repo_id, t=time.time(),
+                    files={i["value"]["path"]: i["value"].get("oid") for i in lines[1:]
+                           if i.get("key") == "lfsFile" and isinstance(i.get("value"), dict)})
         self._send_json(200, {
             "success": True,
             "commitOid": commit.sha,

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 _URL_PREFIX = {"model": ""}
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -41,9 +41,18 @@ def _iso(ts: _dt.datetime) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class ByteSource(Protocol):
+    """Content made on demand (``hub_procedural.ProceduralFile``): any byte range, nothing stored."""
+
+    size: int
+
+    def read(self, start: int, end: int) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class Blob:
-    """File content, held in memory (``data``) or on disk (``path``)."""
+    """File content, held in memory (``data``), on disk (``path``), made on demand (``gen``), or not held at
+    all (an upload the server hashed and discarded: only its size and sha256 are known)."""
 
     size: int
     sha256: str
@@ -51,6 +60,17 @@ class Blob:
     lfs: bool
     data: bytes | None = None
     path: Path | None = None
+    gen: Any = None  # a ByteSource
+
+    @classmethod
+    def generated(cls, gen: ByteSource, sha256: str) -> "Blob":
+        """An LFS blob whose bytes ``gen`` makes on demand (its sha256 computed once by the caller)."""
+        return cls(size=gen.size, sha256=sha256, content_sha1="", lfs=True, gen=gen)
+
+    @classmethod
+    def discarded(cls, size: int, sha256: str) -> "Blob":
+        """An uploaded LFS object the server did not keep: listed and committed, never served."""
+        return cls(size=size, sha256=sha256, content_sha1="", lfs=True)
 
     @classmethod
     def from_source(cls, src: bytes | str | os.PathLike, *, lfs: bool | None, policy: Callable[[int], bool]) -> "Blob":
@@ -109,7 +129,13 @@ class Blob:
             for pos in range(start, end, chunk):
                 yield self.data[pos : min(end, pos + chunk)]
             return
-        assert self.path is not None
+        if self.gen is not None:
+            step = max(chunk, 1 << 20)  # made on demand: larger pieces, fewer calls
+            for pos in range(start, end, step):
+                yield self.gen.read(pos, min(end, pos + step))
+            return
+        if self.path is None:
+            raise OSError("this upload was hashed and discarded by the server: it cannot be served")
         with open(self.path, "rb") as f:
             f.seek(start)
             remaining = end - start

@@ -117,6 +117,7 @@ class Case:
     any_format: bool = False         # either of the two formats (several equivalent ways to report it)
     out_created_ok: bool = False     # the failure is found while merging, so OUT may hold partial shards
     stdout_contains: tuple[str, ...] = ()
+    diagnosis: str = ""              # the multi-problem format's diagnosis line, first (another model's adapter)
 
 
 def _merge(base: Path, adapter: Path, out: Path, *extra: str) -> tuple[str, ...]:
@@ -361,8 +362,9 @@ def c_other_model_adapter(root: Path) -> Case:
     shutil.rmtree(adapter)
     write_adapter(adapter, LlamaShape(hidden=48, intermediate=80, layers=2, vocab=64, heads=4, kv_heads=2), r=4,
                   alpha=6.0)
-    # every one of the 14 LoRA modules is reported, in the multi-problem format
-    return _std(root, (Q0, DOWN1), problems=14)
+    # every one of the 14 LoRA modules is reported, in the multi-problem format, after one diagnosis line
+    return _std(root, (Q0, DOWN1), problems=14,
+                diagnosis="the adapter was trained on a model with hidden size 48; BASE has 32")
 
 
 def _config_case(culprits: tuple[str, ...], any_format: bool = False, **changes: object) -> Callable[[Path], Case]:
@@ -602,7 +604,8 @@ def check_refused(o: Outcome) -> None:
     else:
         assert multi, f"expected the multi-problem summary line\n{context}"
         n = int(multi.group(1))
-        assert n == (case.problems or n) and len(err_lines) == 1 + n, context
+        assert n == (case.problems or n) and len(err_lines) == 1 + n + bool(case.diagnosis), context
+        assert not case.diagnosis or err_lines[1].startswith(f"  - diagnosis: {case.diagnosis}"), context
         assert all(line.startswith("  - ") and len(line) > 4 for line in err_lines[1:]), context
     for culprit in case.culprits:
         assert culprit in o.stderr, f"stderr does not name {culprit!r}\n{context}"

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "stream_merge"
 PLANNER_PARTS = {"planner", "plan_state", "plan_modules", "plan_params", "plan_fp8", "plan_dtype"}
 PURE = {"lora", "keymap", "records", "compat", "errors", "ties", "patterns", "options", "partition",
         "recipes", "quant", "tie_table", "hf_ties",  # hf_ties: transformers on the meta device, no file IO
-        "model_config", "load_renames"} | PLANNER_PARTS
+        "model_config", "load_renames", "plan_report"} | PLANNER_PARTS
 TORCH_MATH = {"lora", "recipes", "quant"}  # pure block math: tensors in, tensors out
 # every other module of the package may do IO: the set is derived, so a new module is IO until declared pure
 MODULES = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import edit_json, run_cli
+from conftest import run_cli
 from stream_merge import cli
 from stream_merge.progress import PlainLines, Reporter
 from stream_merge.records import ShardResult
@@ -88,7 +88,8 @@ def test_piped_merge_prints_one_line_per_shard_and_quiet_keeps_the_summary(pair:
 
 def test_summary_repeats_warnings_and_config_changes(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = pair
-    edit_json(adapter / "adapter_config.json", base_model_name_or_path="meta-llama/Some-Other-Model-70B")
+    other = json.loads((base / "config.json").read_text())  # the adapter says it was trained on a deeper model
+    (adapter / "config.json").write_text(json.dumps({**other, "num_hidden_layers": other["num_hidden_layers"] + 5}))
     r = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--quiet")
     assert r.returncode == 0, r.stderr
     warned = [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING: ")]
