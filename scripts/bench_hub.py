@@ -45,6 +45,7 @@ SHAPES: dict[str, tuple[LlamaShape, int]] = {  # name -> (shape, shard count)
 }
 BASE, MERGED, UPLOAD = "bench/base", "bench/merged", "bench/upload-baseline"
 TMP_PREFIX = ".stream-merge-tmp."
+DOWNLOADS = ".stream-merge-downloads"
 
 
 def spec_for(shape_name: str, layers: int | None = None) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class Watch:
     def __init__(self, paths: list[Path], out: Path | None, every: float = 0.25) -> None:
         self.paths, self.out, self.every = paths, out, every
         self.peak_disk = 0
+        self.peak_scratch = 0  # the download area and the HF cache: what a merge needs beyond its output
         self.writing: dict[str, list[float]] = {}  # temp file name -> [first seen, last seen]
         self.load: list[float] = []
         self._stop = threading.Event()
@@ -123,6 +125,9 @@ class Watch:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.time()
+            scratch = disk_bytes([p for p in self.paths if p != self.out]
+                                 + ([self.out / DOWNLOADS] if self.out is not None else []))
+            self.peak_scratch = max(self.peak_scratch, scratch)
             self.peak_disk = max(self.peak_disk, disk_bytes(self.paths))
             if self.out is not None and self.out.is_dir():
                 for name in os.listdir(self.out):
@@ -161,6 +166,7 @@ def run_child(cmd: list[str], env: dict[str, str], watch: Watch | None = None, k
            "peak_rss_bytes": usage.ru_maxrss * 1024, "killed": killed}
     if watch is not None:
         res["peak_disk_bytes"] = watch.peak_disk
+        res["peak_download_area_bytes"] = watch.peak_scratch
         res["writing"] = watch.writing
         res["load_mean"] = round(sum(watch.load) / max(1, len(watch.load)), 2)
     if proc.returncode != 0 and not killed:
@@ -293,6 +299,7 @@ def hub_to_hub(args: argparse.Namespace, server: Server, work: Path, adapter: Pa
     events = server.events()
     res: dict[str, Any] = {"wall_s": round(sum(r["wall_s"] for r in runs), 2), "runs": runs,
                            "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs),
+                           "peak_download_area_bytes": max(r["peak_download_area_bytes"] for r in runs),
                            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
                            "breakdown": breakdown(events, runs, min_get=1 << 20)}
     if kill_t is not None:
@@ -375,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if section in result:
             sec = result[section]
             sec["peak_disk_shards"] = round(sec["peak_disk_bytes"] / result["max_shard_bytes"], 2)
+            sec["peak_download_area_shards"] = round(sec["peak_download_area_bytes"] / result["max_shard_bytes"], 2)
             for r in sec.get("runs", [sec]):
                 r.pop("writing", None)
     result["load_at_end"] = os.getloadavg()[0]

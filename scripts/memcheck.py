@@ -13,13 +13,17 @@ peak changes; the target is less than --max-growth (15%) growth for both, else e
 written by torch.save, with `pytorch_model.bin.index.json`) with --allow-pickle: the .bin shards are read
 tensor by tensor, so the peak must stay about that of the safetensors merge (issue 15: a shard of >= 1 GB).
 
+--max-shard-size SIZE re-shards the output (stream-merge's --max-shard-size): with S > SIZE each base shard is
+split, with S < SIZE base shards are joined; the peak must stay that of a plain merge (no whole shard in RAM).
+
 --moe E,OUT,IN instead merges one fused MoE expert tensor (E, OUT, IN) in bf16 (default 128,2048,2048: 1 GiB,
 a Qwen3-30B-A3B-sized gate_up_proj) with a rank-16 `target_parameters` adapter: the tensor must be blocked inside
 experts, so the peak stays about that of a plain merge, not a block of 64 experts.
 
     python scripts/memcheck.py [--shard-size 1GiB] [--size 3GiB] [--limit-mib 700] [--scaling]
                                [--hidden 4096 --intermediate 11008 --vocab 32000] [--rank 16]
-                               [--moe [E,OUT,IN]] [--pickle] [--workdir DIR] [--json OUT.json] [--keep]
+                               [--max-shard-size SIZE] [--moe [E,OUT,IN]] [--pickle] [--workdir DIR]
+                               [--json OUT.json] [--keep]
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def merge_command(args: argparse.Namespace, base: Path, adapter: Path, workdir: 
     q = shlex.quote
     cmd = (" ".join(q(a) for a in stream_merge_cmd()) + f" merge {q(str(base))} {q(str(adapter))} -o {q(str(out))} "
            f"--device {q(args.device)} --quiet" + (f" --block-size-mb {args.block_size_mb}" if args.block_size_mb else "")
-           + (" --allow-pickle" if getattr(args, "pickle", False) else ""))
+           + (" --allow-pickle" if getattr(args, "pickle", False) else "")
+           + (f" --max-shard-size {q(args.max_shard_size)}" if getattr(args, "max_shard_size", None) else ""))
     return cmd, out, workdir / "memcheck-merge.log"
 
 
@@ -82,12 +87,14 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
                                             shard, args.rank)
     if args.pickle:
         base = pickle_base(base)
-    largest = max(p.stat().st_size for p in base.iterdir() if p.suffix in (".bin", ".safetensors"))
+    weights = [p.stat().st_size for p in base.iterdir() if p.suffix in (".bin", ".safetensors")]
+    largest = max(weights)
     cmd, out, log = merge_command(args, base, adapter, workdir)
     try:
         src = source_digest()
         r = measure(cmd, log=log)
         ok_out = (out / "model.safetensors.index.json").exists()
+        out_shards = len(list(out.glob("*.safetensors")))
     finally:
         shutil.rmtree(out, ignore_errors=True)
         if made and not args.keep:
@@ -95,14 +102,17 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
     if r["rc"] != 0 or not ok_out:
         raise SystemExit(f"the merge failed (exit {r['rc']}):\n{tail(log)}")
     log.unlink(missing_ok=True)
-    res = {"size_arg": size, "shard_size": shard, "base_bytes": info["base_bytes"], "shards": info["shards"],
+    res = {"size_arg": size, "shard_size": shard, "base_bytes": sum(weights), "shards": info["shards"],
            "layers": info["params"]["shape"]["layers"], "largest_shard_bytes": largest,
+           "max_shard_size": args.max_shard_size, "out_shards": out_shards,
            "format": "pickle (.bin)" if args.pickle else "safetensors", "command": cmd, "wall_s": round(r["wall_s"], 3),
            "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1), "vmhwm_mib": round(r["vmhwm_bytes"] / 2**20, 1),
            "cpu_s": round(r["user_s"] + r["sys_s"], 2), "engine_sha256": src, "loadavg": loadavg()}
     print(f"  {human(res['base_bytes']):>10} in {res['shards']} {res['format']} shard(s) (largest "
           f"{human(largest)}): peak RSS "
-          f"{res['peak_rss_mib']:7.1f} MiB (VmHWM {res['vmhwm_mib']:.1f}), wall {res['wall_s']:.1f} s", flush=True)
+          f"{res['peak_rss_mib']:7.1f} MiB (VmHWM {res['vmhwm_mib']:.1f}), wall {res['wall_s']:.1f} s"
+          + (f", re-sharded into {out_shards} shard(s) of <= {args.max_shard_size}" if args.max_shard_size else ""),
+          flush=True)
     return res
 
 
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--block-size-mb", type=int, default=None, help="pass --block-size-mb to stream-merge")
+    ap.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                    help="pass --max-shard-size SIZE to stream-merge (re-shard the output)")
     ap.add_argument("--moe", type=_moe_shape, nargs="?", const=(128, 2048, 2048), default=None, metavar="E,OUT,IN",
                     help="merge one fused MoE expert tensor of this shape instead (default 128,2048,2048: 1 GiB)")
     ap.add_argument("--pickle", action="store_true",

@@ -50,6 +50,12 @@ class MergeConfig:
                      record=True, fingerprint=True, cli={"choices": ("auto", "bf16", "fp16", "fp32")},
                      help="output dtype of floating tensors (default auto: each tensor keeps the base's dtype); "
                           "integer and fp8 tensors are left alone")
+    max_shard_size: int | None = opt(None, coerce=o.file_size, flags=("--max-shard-size",), record=True,
+                                     fingerprint=True, cli={"metavar": "SIZE"},
+                                     help="re-shard the output like transformers' save_pretrained: shards of at most "
+                                          "SIZE (5GB = 5*10^9 bytes, 5GiB = 5*2^30, 500MB, or bytes; a bigger tensor "
+                                          "gets a shard of its own), named model-0000i-of-0000n.safetensors "
+                                          "(default: the base's own shards)")
     allow_pickle: bool = opt(False, coerce=o.flag, flags=("--allow-pickle",), record=True, fingerprint=True,
                              help="accept PyTorch pickle weights: adapter_model.bin (torch.load(weights_only=True)) "
                                   "and pytorch_model*.bin bases (parsed without running the pickle, read tensor by "
@@ -218,8 +224,10 @@ def _check_base_kind(base: str, d: Declared) -> None:
 
 def recorded_options(cfg: MergeConfig, device_kind: str) -> dict[str, Any]:
     """The options written to the journal and to stream_merge.json (`device` as its kind, cpu or cuda: the
-    kind decides the last bits of a GEMM, the index does not)."""
-    return {n: device_kind if n == "device" else getattr(cfg, n) for n, d in OPTIONS.items() if d.option.record}
+    kind decides the last bits of a GEMM, the index does not). An option left unset (None, e.g. no
+    --max-shard-size) is left out, so a record keeps the digest it had before that option existed."""
+    return {n: device_kind if n == "device" else getattr(cfg, n) for n, d in OPTIONS.items()
+            if d.option.record and getattr(cfg, n) is not None}
 
 
 def fingerprint_options(cfg: MergeConfig, device_kind: str) -> dict[str, Any]:

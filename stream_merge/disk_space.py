@@ -74,11 +74,11 @@ def _finished(out: Path, mine: set[str], local_copy: bool) -> set[str]:
 
 
 def planned_disks(plan: MergePlan, base_src: Source, out: Path | None, mine: set[str], prefetch: int,
-                  local_copy: bool = True) -> list[DiskNeed]:
+                  local_copy: bool = True, fresh: bool = False) -> list[DiskNeed]:
     """What `merge --dry-run` reports: the disks a merge into OUT would need, measured now (shards OUT already
-    holds finished are not counted). Without OUT (`plan`), the need alone, with the free space unknown."""
+    holds finished are not counted, unless `fresh`). Without OUT (`plan`), the need alone, free space unknown."""
     if out is None:
         return [planned_need(plan, [s.file for s in plan.shards if s.file in mine], base_src.kind == "hub", prefetch)]
-    done = _finished(out, mine, local_copy)
+    done = set() if fresh else _finished(out, mine, local_copy)
     todo = [s.file for s in plan.shards if s.file in mine and s.file not in done]
-    return disk_needs(out, plan, todo, base_src.disk_need(todo, prefetch), local_copy)
+    return disk_needs(out, plan, todo, base_src.disk_need(plan.inputs_of(todo), prefetch), local_copy)

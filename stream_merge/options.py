@@ -139,6 +139,31 @@ def matching(pattern: str, what: str) -> Coerce:
     return check
 
 
+# transformers' `convert_file_size_to_int` units; a lowercase final "b" ("5Gb") means bits there, and here
+SIZE_UNITS: Mapping[str, int] = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3,
+                                 "": 1}
+
+
+def file_size(key: str, value: Any) -> int:
+    """A size in bytes, as transformers reads `max_shard_size`: a whole number of bytes, or digits with a unit
+    (`5GB` = 5·10⁹, `5GiB` = 5·2³⁰, `500MB`, `100KB`...); must be positive."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)?\s*", value, re.IGNORECASE) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match:
+        unit = (match.group(2) or "").upper()
+        size = int(match.group(1)) * SIZE_UNITS[unit]
+        if unit in ("GB", "MB", "KB") and match.group(2).endswith("b"):
+            size //= 8  # transformers: "5Gb" is gigabits
+    else:
+        raise ConfigError(f"{key} must be a size such as 5GB, 500MB, 2GiB or a number of bytes, got {value!r}",
+                          key=key)
+    if size <= 0:
+        raise ConfigError(f"{key} must be more than 0 bytes, got {value!r}", key=key,
+                          fix="give the largest output shard size wanted, e.g. 5GB")
+    return size
+
+
 def worker_spec(key: str, value: Any) -> str:
     from .partition import parse_worker
 

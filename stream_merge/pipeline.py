@@ -17,28 +17,29 @@ from .adapter import AdapterReader
 from .compute import BufferPool, Compute, Job, Scratch
 from .records import ShardPlan, TensorPlan
 from .safetensors_io import ShardReader, header_bytes
+from .shard_inputs import Readers, as_readers
 from .shard_rows import OtherShards
 from .tensor_jobs import convert_jobs, merged_jobs
 
 Chunk = tuple[str | None, "bytearray | memoryview", int]  # (tensor name or None, buffer, valid bytes)
 
 
-def out_header(shard: ShardPlan, reader: ShardReader) -> bytes:
-    """The output header: the input's own bytes when nothing changes, else rebuilt in the same order."""
+def out_header(shard: ShardPlan, readers: ShardReader | Readers) -> bytes:
+    """The output header: the input's own bytes when nothing changes, else built from the plan (names,
+    dtypes, shapes in the plan's order, offsets of the output data order, the plan's metadata)."""
     if shard.header_unchanged:
-        return reader.raw_header()
+        return as_readers(readers).get(shard.inputs[0]).raw_header()
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
     for t in data_order(shard):
         offsets[t.name] = (pos, pos + t.out_nbytes)
         pos += t.out_nbytes
-    return header_bytes([(t.name, t.dtype, t.shape, *offsets[t.name]) for t in shard.tensors],
-                        reader.header.metadata)
+    return header_bytes([(t.name, t.dtype, t.shape, *offsets[t.name]) for t in shard.tensors], shard.metadata)
 
 
 def data_order(shard: ShardPlan) -> list[TensorPlan]:
-    """Output data order: the input's, an added tensor (untied head) right after its source."""
-    return sorted(shard.tensors, key=lambda t: (t.source.start, t.source.end))
+    """Output data order (see `ShardPlan.data_order`): an input's order, an added tensor right after its source."""
+    return list(shard.data_order)
 
 
 def _raw(tp: TensorPlan) -> bool:
@@ -52,12 +53,16 @@ def _copy_jobs(reader: ShardReader, start: int, end: int, chunk: int) -> Iterato
         yield Job(None, n, source=lambda pos=pos, n=n: reader.view(pos, n))
 
 
-def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
-               scratch: Scratch | None = None, others: OtherShards | None = None) -> Iterator[Job]:
-    """The output shard as jobs in file order; adjacent untouched tensors become one byte range. `others`
-    reads tensors of other shards (an fp8 weight's scales stored elsewhere; default: the files beside this one)."""
+def shard_jobs(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader],
+               compute: Compute, scratch: Scratch | None = None, others: OtherShards | None = None
+               ) -> Iterator[Job]:
+    """The output shard as jobs in file order, each tensor read from its own base shard (`readers`; a single
+    reader for a shard that reads one); adjacent untouched tensors of one input, contiguous there and in the
+    output, become one byte range. `others` reads tensors of other shards (an fp8 weight's scales stored
+    elsewhere; default: the files beside the tensor's own)."""
     scratch = scratch if scratch is not None else Scratch()
-    header = out_header(shard, reader)
+    readers = as_readers(readers)
+    header = out_header(shard, readers)
 
     def put_header(buf: bytearray) -> None:
         buf[:len(header)] = header
@@ -68,6 +73,7 @@ def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapter
     while i < len(ordered):
         tp = ordered[i]
         i += 1
+        reader = readers.get(tp.source_file)
         if tp.action != "copy":
             yield from merged_jobs(tp, reader, adapters, compute, scratch, others)
             continue
@@ -75,18 +81,19 @@ def shard_jobs(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapter
             yield from convert_jobs(tp, reader, compute)
             continue
         start, end = tp.source.start, tp.source.end
-        while i < len(ordered) and _raw(ordered[i]) and ordered[i].source.start == end:
+        while (i < len(ordered) and _raw(ordered[i]) and ordered[i].source_file == tp.source_file
+               and ordered[i].source.start == end):
             end = ordered[i].source.end
             i += 1
         yield from _copy_jobs(reader, start, end, compute.copy_bytes)
 
 
-def shard_chunks(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], compute: Compute,
+def shard_chunks(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader], compute: Compute,
                  pool: BufferPool, others: OtherShards | None = None) -> Iterator[Chunk]:
     """The output shard as (tensor name or None, buffer, valid bytes), in file order. Jobs run on
     `compute.threads` threads (torch releases the GIL); each buffer belongs to the consumer, who gives it
     back with `pool.put`. The pool must hold more than `compute.depth` buffers plus those the consumer keeps."""
-    jobs = shard_jobs(shard, reader, adapters, compute, Scratch(), others)
+    jobs = shard_jobs(shard, readers, adapters, compute, Scratch(), others)
     if compute.threads <= 1:
         for job in jobs:
             yield job.name, job.run(None if job.source else pool.get(job.nbytes)), job.nbytes

@@ -16,13 +16,15 @@ from .records import BaseIndex, LoraPatch, ModuleMapping, Replacement, TensorInf
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """What the user chose that changes the plan: key_map rules, --strict, --untie, --dequantize, --dtype."""
+    """What the user chose that changes the plan: key_map rules, --strict, --untie, --dequantize, --dtype,
+    --max-shard-size."""
 
     key_map: tuple[tuple[str, str], ...] = ()
     strict: bool = False
     untie: bool = False
     dequantize: bool = False
     dtype: str = "auto"  # output dtype of floating tensors: auto, bf16, fp16, fp32 (plan_dtype.out_dtype)
+    max_shard_size: int | None = None  # --max-shard-size in bytes (plan_layout.reshard); None: the base's shards
 
 
 @dataclass

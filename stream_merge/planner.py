@@ -8,6 +8,7 @@ collected, not raised, so that the user sees all of them at once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from .keymap import ParsedKey, TargetResolver, parse_key, targeted_params
@@ -16,6 +17,7 @@ from .model_config import config_value
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns
 from .plan_dtype import dtype_updates, out_dtype
 from .plan_fp8 import DROP, fp8_tensor_plan, is_fp8_scale, read_quantization
+from .plan_layout import OUT_METADATA, reshard, with_output_cost
 from .plan_modules import plan_module
 from .plan_params import plan_param
 from .plan_state import PlanOptions, PlanState
@@ -225,6 +227,19 @@ def _shard_tensors(state: PlanState, header: ShardHeader, added: Sequence[Tensor
     return tensor_plans
 
 
+def _base_shard_plan(h: ShardHeader, tensor_plans: Sequence[TensorPlan]) -> ShardPlan:
+    """The output shard of the base's own layout: base shard `h` under its own name (a PyTorch `.bin` under
+    the safetensors name transformers gives it), tensors in its order."""
+    tensors = tuple(dataclasses.replace(p, source_file=h.file) for p in tensor_plans)
+    plan = ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size,
+                     metadata=h.metadata if h.safetensors else OUT_METADATA,
+                     header_unchanged=h.safetensors and len(tensors) == len(h.tensors) and all(
+                         (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
+                         for p in tensors))
+    # a .bin shard's output costs its safetensors header and the tensors it reads, not the zip's size
+    return plan if h.safetensors else with_output_cost(plan)
+
+
 def _check_resized_vocab(state: PlanState, vocab: int | None) -> None:
     """A resized vocabulary must resize every vocabulary-row tensor (embedding and head) the same way."""
     if "vocab_size" not in state.config_updates or vocab is None:
@@ -267,13 +282,9 @@ def build_plan(base: BaseIndex, adapters: Sequence[AdapterSpec], options: PlanOp
         state.config_updates["quantization_config"] = None  # removed from config.json
     if options.dtype != "auto":
         dtype_updates(state)
-    shards = []
-    for h in base.shards:
-        tensor_plans = _shard_tensors(state, h, added)
-        shards.append(ShardPlan(file=h.file, tensors=tuple(tensor_plans), in_bytes=h.size,
-                                header_unchanged=len(tensor_plans) == len(h.tensors) and all(
-                                    (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
-                                    for p in tensor_plans)))
-    return MergePlan(base=base, adapters=tuple(adapters), shards=tuple(shards), mapping=tuple(state.mapping),
+    shards = tuple(_base_shard_plan(h, _shard_tensors(state, h, added)) for h in base.shards)
+    if options.max_shard_size is not None:
+        shards = reshard(shards, options.max_shard_size)
+    return MergePlan(base=base, adapters=tuple(adapters), shards=shards, mapping=tuple(state.mapping),
                      config_updates=dict(state.config_updates), warnings=tuple(state.warnings),
                      problems=tuple(state.problems))

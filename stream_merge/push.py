@@ -31,7 +31,10 @@ from .push_file import HashedAdd
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")
-MAX_PENDING = 2  # with local_copy=False: shards waiting for upload before the merge waits for the uploader
+# with local_copy=False: shards handed to the uploader and not pushed yet (the one uploading included) past which
+# the merge waits. One: shard i-1 uploads while shard i merges, so the uploader never starves; a second waiting
+# shard would only hold one more shard of disk.
+MAX_PENDING = 1
 
 
 class Pusher:

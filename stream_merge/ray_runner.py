@@ -22,12 +22,13 @@ PROGRESS_EVERY = 32 * 1024 * 1024
 
 def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str, block_bytes: int,
                 check_finite: bool, checksum: bool, progress_actor: object) -> ShardResult:
-    """One shard, inside a Ray worker process, computed on the kind of device the driver asked for (`cuda`:
-    the GPU Ray assigned to this task), and recorded in OUT's journal by this task."""
+    """One output shard (reading its base shards), inside a Ray worker process, computed on the kind of
+    device the driver asked for (`cuda`: the GPU Ray assigned to this task), and recorded in OUT's journal by
+    this task."""
     import torch
 
     from .adapter import AdapterReader
-    from .safetensors_io import ShardReader
+    from .shard_inputs import Readers
     from .shard_rows import OtherShards
     from .sources import LocalSource
     from .worker import Compute, merge_shard
@@ -40,7 +41,6 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str
             raise RuntimeError(f"injected failure for {file} ({FAIL_ONCE_ENV})")
     torch.set_num_threads(1)  # one task per CPU (num_cpus=1)
     shard = next(s for s in plan.shards if s.file == file)
-    header = next(h for h in plan.base.shards if h.file == file)
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     pending = 0
 
@@ -52,10 +52,11 @@ def _merge_task(plan: MergePlan, base_dir: str, out: str, file: str, device: str
             pending = 0
 
     base = LocalSource(spec=base_dir, path=Path(base_dir))
-    others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
+    headers = {h.file: h for h in plan.base.shards}
+    others = OtherShards(base.read_range, headers)  # fp8 scales in other shards
     try:
-        with ShardReader(Path(base_dir) / file, header) as reader:
-            res = merge_shard(shard, reader, adapters, Path(out) / file,
+        with Readers.of(base.shard_path, headers).open(shard.inputs) as readers:
+            res = merge_shard(shard, readers, adapters, Path(out) / file,
                               Compute(device=torch.device(device), block_bytes=block_bytes,
                                       check_finite=check_finite), on_bytes, checksum, others)
     finally:

@@ -97,13 +97,14 @@ def sum_delta(factors: Sequence[Factor], shape: tuple[int, ...], r0: int, r1: in
 
 def one_delta(factor: Factor, shape: tuple[int, ...], r0: int, r1: int, take: TakeScratch) -> torch.Tensor:
     """`factor_delta` into reusable scratch for the common kinds: the same ops (GEMM, then the scale) with
-    `out=`, so the same bits, without allocating a block per block."""
+    `out=`, so the same bits, without allocating a block per block. A scale of exactly 1 (lora_alpha == r)
+    skips its pass over the block: x * 1.0 is x for every float, so the bits are PEFT's."""
     p, a, b = factor
     if p.kind == "linear":
         assert a is not None
         d = take("delta", (r1 - r0, a.shape[1]))
         torch.matmul(b[r0:r1], a, out=d)
-        return d.mul_(p.scale)
+        return d if p.scale == 1.0 else d.mul_(p.scale)
     if p.kind in ("conv1d", "embedding"):
         assert a is not None
         g = take("gemm", (b.shape[0], r1 - r0))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -225,8 +225,9 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One output tensor. `source` is the base tensor it starts from; for a tensor the merge adds (an
-    untied lm_head) the name differs from the source's."""
+    """One output tensor. `source` is the base tensor it starts from, stored in base shard `source_file`
+    (set by the planner when it assembles the shards; empty: the shard plan's own file); for a tensor the
+    merge adds (an untied lm_head) the name differs from the source's."""
 
     name: str
     dtype: str
@@ -235,6 +236,7 @@ class TensorPlan:
     replace: Replacement | None = None
     patches: tuple[LoraPatch, ...] = ()
     quant: QuantSpec | None = None
+    source_file: str = ""
 
     @property
     def action(self) -> str:
@@ -251,12 +253,42 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """What to do for one input shard; output shard has the same file name and tensor order."""
+    """One OUTPUT shard: its file name (what the journal, resume, push, the index and verify key on), its
+    tensors in header order, each read from the base shard its `source_file` names (`inputs`: those files in
+    data order). Without --max-shard-size an output shard is the base shard of the same name, tensors in the
+    same order. `in_bytes`: the bytes this shard's output costs to produce, header included (the base shard's
+    size when the layout is unchanged). `header_unchanged`: the output header is the input's own bytes (one
+    input, same names, dtypes and shapes). `metadata`: the output header's `__metadata__`."""
 
     file: str
     tensors: tuple[TensorPlan, ...]
     in_bytes: int
     header_unchanged: bool
+    metadata: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if any(not t.source_file for t in self.tensors):  # a hand-built plan: every tensor from `file`
+            object.__setattr__(self, "tensors", tuple(t if t.source_file else dataclasses.replace(
+                t, source_file=self.file) for t in self.tensors))
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The distinct base shards this output shard reads, in the order its data needs them."""
+        return tuple(dict.fromkeys(t.source_file for t in self.data_order))
+
+    @property
+    def data_order(self) -> tuple[TensorPlan, ...]:
+        """Output data order: by input file (first use in header order), then by offset in it, so that an
+        added tensor (untied head) follows its source and neighbours in one input stay neighbours."""
+        first: dict[str, int] = {}
+        for t in self.tensors:
+            first.setdefault(t.source_file, len(first))
+        return tuple(sorted(self.tensors, key=lambda t: (first[t.source_file], t.source.start, t.source.end)))
+
+    @property
+    def layout_changed(self) -> bool:
+        """Whether this output shard is not simply the base shard of the same name (--max-shard-size)."""
+        return any(t.source_file != self.file for t in self.tensors)
 
     @property
     def out_data_bytes(self) -> int:
@@ -288,6 +320,12 @@ class MergePlan:
     config_updates: Mapping[str, Any]
     warnings: tuple[str, ...]
     problems: tuple[str, ...]
+
+    def inputs_of(self, outputs: Iterable[str]) -> list[str]:
+        """The base shards that the output shards `outputs` read, each once, in plan order (what a Hub base
+        downloads for them)."""
+        wanted = set(outputs)
+        return list(dict.fromkeys(b for s in self.shards if s.file in wanted for b in s.inputs))
 
     @property
     def patched_tensors(self) -> int:
@@ -321,7 +359,7 @@ class MergePlan:
 
     def fingerprint(self) -> str:
         """sha256 of everything that decides the output bytes, for the journal."""
-        payload = {
+        payload: dict[str, Any] = {
             "shards": [[s.file, [[t.name, t.dtype, list(t.shape), t.source.start, t.source.end,
                                   dataclasses.asdict(t.replace) if t.replace else None,
                                   [dataclasses.asdict(p) for p in t.patches],
@@ -329,6 +367,9 @@ class MergePlan:
                        for s in self.shards],
             "config_updates": dict(self.config_updates),
         }
+        if any(s.layout_changed for s in self.shards):  # absent otherwise: earlier records keep their digest
+            payload["sources"] = [[t.source_file for t in s.tensors] for s in self.shards]
+            payload["metadata"] = [dict(s.metadata or {}) for s in self.shards]
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -110,7 +110,8 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
              for src, w in zip(adapter_srcs, cfg.adapter_weights)]
     plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize, dtype=cfg.dtype))
+                                                 dequantize=cfg.dequantize, dtype=cfg.dtype,
+                                                 max_shard_size=cfg.max_shard_size))
     findings: list[str] = []
     for spec in specs:  # configs compared, not names: a renamed local copy of the same model is the same model
         trained_on = find_trained_on(Path(spec.path), spec.raw_config)
@@ -118,7 +119,9 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     if plan.problems:
         raise PlanError(plan.problems, plan=plan)
     if findings and cfg.strict:
-        raise CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
+        error = CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
+        error.plan = plan
+        raise error
     for w in list(plan.warnings) + findings:
         log.warning("%s", w)
     return plan, base_src, adapter_srcs, findings
@@ -198,7 +201,8 @@ class _MergeRun:
                 self.journal.record(out, f, entry)
         for f in todo:
             self.journal.forget(out, f)
-        _check_disk(out, self.plan, todo, self.base_src.disk_need(todo, cfg.prefetch), keep_outputs=cfg.local_copy)
+        _check_disk(out, self.plan, todo, self.base_src.disk_need(self.plan.inputs_of(todo), cfg.prefetch),
+                    keep_outputs=cfg.local_copy)
         if self.pusher is not None:
             for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
                 self.pusher.submit(r.file, r.sha256)
@@ -325,7 +329,7 @@ def _dry_run(cfg: MergeConfig, plan: MergePlan, base_src: Source, t0: float) -> 
     """The report of a merge that only plans: with OUT, the disk check too (DiskSpaceError, carrying this
     report, when a disk is short); nothing is written."""
     out = Path(cfg.output).expanduser() if cfg.output else None
-    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy)
+    disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy, cfg.fresh)
     report = MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
                          peak_rss_bytes=peak_rss_bytes(), dry_run=True, disk=tuple(disks))
     short = next((d for d in disks if d.short), None)

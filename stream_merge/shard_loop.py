@@ -1,5 +1,6 @@
-"""The local shard loop: merge the shards this run owns one after the other, overlapping each shard's
-publication (fsync, rename, journal record, upload hand-off) with the next shard's merge."""
+"""The local shard loop: merge the output shards this run owns one after the other, overlapping each shard's
+publication (fsync, rename, journal record, upload hand-off) with the next shard's merge. A Hub base's input
+shards are fetched ahead for the next output shards and released once no later output shard reads them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .fileio import AtomicFile
 from .journal import Journal
 from .progress import Progress, progress_callback
 from .records import MergePlan, ShardPlan, ShardResult
-from .safetensors_io import ShardReader
+from .shard_inputs import Readers
 from .shard_rows import OtherShards
 from .sources import Source
 from .worker import Compute, frozen_gc, publish, write_shard
@@ -29,24 +30,26 @@ class _Committer:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="stream-merge-commit")
         self.flushing: Future[None] | None = None
 
-    def _commit(self, written: AtomicFile, res: ShardResult) -> None:
+    def _commit(self, written: AtomicFile, res: ShardResult, release: Sequence[str]) -> None:
         publish(written)
         self.journal.record_shard(self.out, res)
-        self.base.release(res.file)
+        for file in release:
+            self.base.release(file)
         if self.pusher is not None:
             self.pusher.submit(res.file, res.sha256)
 
-    def submit(self, written: AtomicFile, res: ShardResult) -> None:
-        """Publish `written` once the previous shard is; from here on its temp file is the committer's."""
+    def submit(self, written: AtomicFile, res: ShardResult, release: Sequence[str]) -> None:
+        """Publish `written` once the previous shard is, then release the base shards in `release` (no later
+        output shard reads them); from here on its temp file is the committer's."""
         try:
             self.wait()
         except BaseException:
             written.abort()
             raise
-        self.flushing = self.pool.submit(self._commit, written, res)
+        self.flushing = self.pool.submit(self._commit, written, res, release)
         if self.base.kind != "local":
-            # a downloaded input shard is deleted only once its output is committed: no overlap, so the
-            # disk holds at most prefetch + 1 base shards
+            # a downloaded input shard is deleted only once the last output reading it is committed: no
+            # overlap, so the disk holds the current output's inputs plus those prefetched
             self.wait()
 
     def wait(self) -> None:
@@ -61,10 +64,23 @@ class _Committer:
 def _merge_one(plan: MergePlan, shard: ShardPlan, base: Source, out: Path, adapters: Sequence[AdapterReader],
                compute: Compute, report: Progress, checksum: bool, others: OtherShards
                ) -> tuple[AtomicFile, ShardResult]:
-    header = next(h for h in plan.base.shards if h.file == shard.file)
-    with ShardReader(base.shard_path(shard.file), header) as reader, frozen_gc():
-        return write_shard(shard, reader, adapters, out / shard.file, compute,
+    headers = {h.file: h for h in plan.base.shards}
+    with Readers.of(base.shard_path, headers).open(shard.inputs) as readers, frozen_gc():
+        return write_shard(shard, readers, adapters, out / shard.file, compute,
                            lambda n, f=shard.file: report(n, f), checksum, others)
+
+
+def last_readers(todo: Sequence[ShardPlan]) -> dict[str, list[str]]:
+    """output shard -> the base shards that no later output shard of `todo` reads: released (a downloaded
+    Hub shard deleted) once that output is committed."""
+    last: dict[str, str] = {}
+    for shard in todo:
+        for file in shard.inputs:
+            last[file] = shard.file
+    release: dict[str, list[str]] = {}
+    for file, output in last.items():
+        release.setdefault(output, []).append(file)
+    return release
 
 
 def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],
@@ -78,6 +94,7 @@ def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, don
     others = OtherShards(base.read_range, {h.file: h for h in plan.base.shards})  # fp8 scales in other shards
     report, bar = progress_callback(plan, wanted, progress)
     committer = _Committer(out, journal, base, pusher)
+    release = last_readers(todo)
     results: list[ShardResult] = []
     written: AtomicFile | None = None  # a merged shard not yet handed to the committer: ours to remove
     try:
@@ -88,11 +105,12 @@ def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, don
             if shard.file not in wanted:
                 continue
             pos = todo.index(shard)
-            for ahead in todo[pos:pos + 1 + prefetch]:  # this shard first, then up to `prefetch` more
-                base.prefetch(ahead.file)
+            for ahead in todo[pos:pos + 1 + prefetch]:  # this shard's inputs first, then up to `prefetch` more
+                for file in ahead.inputs:
+                    base.prefetch(file)
             written, res = _merge_one(plan, shard, base, out, adapters, compute, report, checksum, others)
             handed, written = written, None
-            committer.submit(handed, res)
+            committer.submit(handed, res, release.get(shard.file, ()))
             results.append(res)
         committer.wait()
     except KeyboardInterrupt:

@@ -38,7 +38,8 @@ from .fileio import file_sha256
 from .progress import Progress, phase_callback
 from .pipeline import shard_chunks
 from .records import MergePlan, ShardHeader
-from .safetensors_io import ShardReader, read_header_file
+from .safetensors_io import read_header_file
+from .shard_inputs import Readers
 from .sources import Source
 
 VERIFY_DEVICE = "cpu"  # where verify recomputes
@@ -162,12 +163,11 @@ def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: Sh
              report: VerifyReport, on_bytes: Progress) -> None:
     """Regenerate `file` from the inputs and compare it byte for byte, naming the first differing tensor."""
     shard = next(s for s in plan.shards if s.file == file)
-    base_header = next(h for h in plan.base.shards if h.file == file)
+    headers = {h.file: h for h in plan.base.shards}
     adapters = [AdapterReader(spec) for spec in plan.adapters]
     try:
-        base_path = regular_file(base_src.shard_path(file), f"base shard {file}")
-        with ShardReader(base_path, base_header) as reader, open(out / file, "rb") as f, \
-                torch_settings(), frozen_gc():
+        inputs = Readers.of(lambda b: regular_file(base_src.shard_path(b), f"base shard {b}"), headers)
+        with inputs.open(shard.inputs) as reader, open(out / file, "rb") as f, torch_settings(), frozen_gc():
             compute = Compute(threads=compute_threads(torch.device(VERIFY_DEVICE)))
             pool = compute.pool(spare=0)
             differs = _first_difference(shard_chunks(shard, reader, adapters, compute, pool), pool, f, header,
@@ -182,7 +182,8 @@ def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: Sh
     finally:
         for a in adapters:
             a.close()
-        base_src.release(file)
+        for b in shard.inputs:
+            base_src.release(b)
     report.recomputed.append(file)
 
 

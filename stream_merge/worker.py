@@ -21,6 +21,7 @@ from .recipes import Recipe, cannot_overflow, choose_recipe
 from .records import ShardPlan, ShardResult
 from .fileio import AtomicFile
 from .safetensors_io import ShardReader
+from .shard_inputs import Readers
 from .shard_rows import OtherShards
 
 __all__ = ["BufferPool", "Chunk", "Compute", "Recipe", "Scratch", "cannot_overflow", "choose_recipe",
@@ -91,20 +92,21 @@ class _Writer:
                 continue
 
 
-def write_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
-                compute: Compute, on_bytes: Callable[[int], None] = lambda n: None, checksum: bool = True,
-                others: OtherShards | None = None) -> tuple[AtomicFile, ShardResult]:
+def write_shard(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader],
+                out_path: Path, compute: Compute, on_bytes: Callable[[int], None] = lambda n: None,
+                checksum: bool = True, others: OtherShards | None = None) -> tuple[AtomicFile, ShardResult]:
     """Write the merged shard to a temp file beside `out_path`; it is published (fsync, rename) by
     `commit()` on the returned AtomicFile, which the runner does on another thread while the next shard is
-    merged. The result's size (and sha256, with `checksum`) are already final. `others` reads tensors
-    of other shards (fp8 scales stored apart from their weight; default: the files beside this one)."""
+    merged. `readers` are the base shards it reads (or the one reader of a shard that reads one). The
+    result's size (and sha256, with `checksum`) are already final. `others` reads tensors of other shards
+    (fp8 scales stored apart from their weight; default: the files beside this one)."""
     t0 = time.perf_counter()
     out = AtomicFile(out_path, digest=checksum, direct=compute.direct_io)
     writer: _Writer | None = None
     try:
         pool = compute.pool()
         writer = _Writer(out, pool, on_bytes, compute.queue_bound)
-        chunks = shard_chunks(shard, reader, adapters, compute, pool, others)
+        chunks = shard_chunks(shard, readers, adapters, compute, pool, others)
         try:
             for _, buf, n in chunks:
                 writer.submit(buf, n)
@@ -121,11 +123,11 @@ def write_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[Adapte
                             copied=len(shard.tensors) - touched, seconds=time.perf_counter() - t0)
 
 
-def merge_shard(shard: ShardPlan, reader: ShardReader, adapters: Sequence[AdapterReader], out_path: Path,
-                compute: Compute, on_bytes: Callable[[int], None] = lambda n: None, checksum: bool = True,
-                others: OtherShards | None = None) -> ShardResult:
+def merge_shard(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader],
+                out_path: Path, compute: Compute, on_bytes: Callable[[int], None] = lambda n: None,
+                checksum: bool = True, others: OtherShards | None = None) -> ShardResult:
     """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
-    out, result = write_shard(shard, reader, adapters, out_path, compute, on_bytes, checksum, others)
+    out, result = write_shard(shard, readers, adapters, out_path, compute, on_bytes, checksum, others)
     publish(out)
     return result
 

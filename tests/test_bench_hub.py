@@ -210,4 +210,5 @@ def test_bench_hub_tiny_end_to_end(tmp_path: Path) -> None:
     assert resume["killed"] and resume["pushed_before_kill"] >= 2 and resume["redone"] == []
     for section in ("hub_to_local", "hub_to_hub"):
         assert res[section]["peak_rss_bytes"] > 0 and res[section]["peak_disk_bytes"] > 0
+        assert 0 < res[section]["peak_download_area_bytes"] <= res[section]["peak_disk_bytes"]
         assert set(res[section]["breakdown"]) >= {"download_busy_s", "merge_busy_s", "upload_busy_s", "waiting_s"}

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "stream_merge"
-PLANNER_PARTS = {"planner", "plan_state", "plan_modules", "plan_params", "plan_fp8", "plan_dtype"}
+PLANNER_PARTS = {"planner", "plan_state", "plan_modules", "plan_params", "plan_fp8", "plan_dtype", "plan_layout"}
 PURE = {"lora", "keymap", "records", "compat", "errors", "ties", "patterns", "options", "partition",
         "recipes", "quant", "tie_table", "hf_ties",  # hf_ties: transformers on the meta device, no file IO
         "model_config", "load_renames", "plan_report"} | PLANNER_PARTS

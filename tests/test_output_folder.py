@@ -413,7 +413,8 @@ def test_a_base_shard_truncated_by_another_process_mid_merge_is_named_never_sigb
                             text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not any(
-            p.name.startswith(TMP_PREFIX) and p.suffix != ".json" for p in (out.iterdir() if out.exists() else [])):
+            p.name.startswith(TMP_PREFIX) and ".safetensors." in p.name  # the shard's temp file, not the journal's
+            for p in (out.iterdir() if out.exists() else [])):
         time.sleep(0.005)
     truncate = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(shard)!r}, 4096)"])
     _, err = proc.communicate(timeout=180)

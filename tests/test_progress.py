@@ -88,8 +88,9 @@ def test_piped_merge_prints_one_line_per_shard_and_quiet_keeps_the_summary(pair:
 
 def test_summary_repeats_warnings_and_config_changes(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = pair
-    other = json.loads((base / "config.json").read_text())  # the adapter says it was trained on a deeper model
-    (adapter / "config.json").write_text(json.dumps({**other, "num_hidden_layers": other["num_hidden_layers"] + 5}))
+    trained_on = json.loads((base / "config.json").read_text())  # the adapter says it was trained on a deeper model
+    trained_on["num_hidden_layers"] += 8
+    (adapter / "config.json").write_text(json.dumps(trained_on))
     r = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--quiet")
     assert r.returncode == 0, r.stderr
     warned = [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING: ")]

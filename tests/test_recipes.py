@@ -134,13 +134,16 @@ def test_add_rules_equal_the_reference_bitwise(dtype: torch.dtype, alias: bool) 
         assert torch.equal(out, apply_delta(w, d, double)), (rule.__name__, dtype)
 
 
+@pytest.mark.parametrize("scale", [1.5, 1.0, -1.0])  # 1.0: the scale pass is skipped (x * 1.0 is x)
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
-def test_one_delta_into_scratch_equals_the_plain_delta(kind: str) -> None:
+def test_one_delta_into_scratch_equals_the_plain_delta(kind: str, scale: float) -> None:
     g = torch.Generator().manual_seed(1)
     rows, cols = 2048, 96
     a = torch.randn(8, cols if kind == "linear" else rows, generator=g)
     b = torch.randn(rows if kind == "linear" else cols, 8, generator=g)
-    p = _patch(kind, scale=1.5)
+    if scale == 1.0:
+        a[0, :5] = torch.tensor([1e-39, -1e-39, 0.0, -0.0, 3e38])  # subnormals, signed zeros, near overflow
+    p = _patch(kind, scale=scale)
     bufs: dict = {}
 
     def take(slot: str, shape: tuple) -> torch.Tensor:
@@ -148,7 +151,7 @@ def test_one_delta_into_scratch_equals_the_plain_delta(kind: str) -> None:
 
     for r0, r1 in row_blocks(rows, 1024, [kind]):
         assert torch.equal(one_delta((p, a, b), (rows, cols), r0, r1, take), factor_delta(p, a, b, (rows, cols), r0, r1))
-    both = sum_delta([(p, a, b), (_patch(kind, weight=0.5, scale=1.5), a, b)], (rows, cols), 0, rows)
+    both = sum_delta([(p, a, b), (_patch(kind, weight=0.5, scale=scale), a, b)], (rows, cols), 0, rows)
     assert torch.equal(both, factor_delta(p, a, b, (rows, cols), 0, rows) * 1.5)
 
 
