@@ -21,6 +21,7 @@ import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ ReadRange = Callable[[int, int], bytes]  # bytes [start, end) of the file
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_PICKLE_BYTES = 256 * 1024 * 1024  # a state dict's data.pkl is a few MB even for huge models
 LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
+LOCAL_HEADER_READERS = 4  # concurrent local-header reads of one shard (each an HTTP range request for the Hub)
 LEGACY_FIX = "re-save it with torch.save(state_dict, f) (torch>=1.6) or convert it to safetensors"
 
 # torch dtype name (as pickled: `torch.<name>`) -> safetensors dtype code
@@ -337,14 +339,16 @@ def read_pickle_header(read: ReadRange, size: int, label: str) -> ShardHeader:
         prefix = _archive_prefix(zf, label)
         _check_byteorder(zf, prefix, label)
         records = parse_state_dict(_read_member(zf, prefix + "data.pkl", label, MAX_PICKLE_BYTES), label)
-        storages: dict[str, tuple[int, int]] = {}
+        members: dict[str, zipfile.ZipInfo] = {}
         for rec in records.values():
-            key = rec.storage.key
-            if key not in storages:
-                info = zf.NameToInfo.get(prefix + "data/" + key)
-                if info is None:
-                    raise _bad(label, f"data.pkl names storage {key!r}, which the archive does not hold")
-                storages[key] = (_data_start(read, info, size, label), info.file_size)
+            info = zf.NameToInfo.get(prefix + "data/" + rec.storage.key)
+            if info is None:
+                raise _bad(label, f"data.pkl names storage {rec.storage.key!r}, which the archive does not hold")
+            members[rec.storage.key] = info
+        # one small read per storage: over HTTP range requests, several at a time
+        with ThreadPoolExecutor(max_workers=min(LOCAL_HEADER_READERS, len(members) or 1)) as pool:
+            starts = list(pool.map(lambda i: _data_start(read, i, size, label), members.values()))
+        storages = {key: (start, info.file_size) for (key, info), start in zip(members.items(), starts)}
         tensors = tuple(_tensor_info(name, rec, storages, label) for name, rec in records.items())
     return ShardHeader(file=label, size=size, header_len=0, tensors=tensors, metadata={"format": "pt"},
                        data_start=0)

@@ -7,7 +7,6 @@ what PEFT + transformers produce from the same .bin base, saved as safetensors."
 from __future__ import annotations
 
 import collections
-import io
 import json
 import pickle
 import zipfile
@@ -290,14 +289,16 @@ def _out_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin") or "index" in p.name)
 
 
-@pytest.mark.parametrize("shard_bytes", [6000, 10**9], ids=["sharded", "single"])
-def test_a_bin_base_merges_like_its_safetensors_twin(tmp_path: Path, shard_bytes: int) -> None:
+@pytest.mark.parametrize("shard_bytes,extra", [(6000, ()), (10**9, ()), (6000, ("--dtype", "fp32")),
+                                               (10**9, ("--max-shard-size", "9000"))],
+                         ids=["sharded", "single", "dtype", "resharded"])
+def test_a_bin_base_merges_like_its_safetensors_twin(tmp_path: Path, shard_bytes: int, extra: tuple) -> None:
     from oracle import assert_bitwise_equal, load_folder_tensors
 
     base, adapter = make_pair(tmp_path, shard_bytes=shard_bytes)
     pbase = bin_copy(base, tmp_path / "pbase")
-    _merge(base, adapter, tmp_path / "ref")
-    _merge(pbase, adapter, tmp_path / "out")
+    _merge(base, adapter, tmp_path / "ref", *extra)
+    _merge(pbase, adapter, tmp_path / "out", *extra)
     assert _out_files(tmp_path / "out") == _out_files(tmp_path / "ref")  # transformers' safetensors names
     assert "pytorch_model.bin.index.json" not in _out_files(tmp_path / "out")
     assert_bitwise_equal(load_folder_tensors(tmp_path / "out"), load_folder_tensors(tmp_path / "ref"))
@@ -419,7 +420,8 @@ def test_a_pickle_that_rewrites_a_tensor_record_is_refused(tmp_path: Path) -> No
 
     # after the last REDUCE (the one that builds the tensor record): {"offset": "xx"} BUILD
     at = max(pos for op, _, pos in pickletools.genops(pkl) if op.name == "REDUCE")
-    evil_pkl = pkl[:at + 1] + b"}" + pickle.dumps("offset", 2)[2:-1] + pickle.dumps("xx", 2)[2:-1] + b"sb" + pkl[at + 1:]
+    build = b"}" + pickle.dumps("offset", 2)[2:-1] + pickle.dumps("xx", 2)[2:-1] + b"sb"  # {k: v} BUILD
+    evil_pkl = pkl[:at + 1] + build + pkl[at + 1:]
     evil = tmp_path / "pytorch_model.bin"
     _rewrite(good, evil, lambda n, d: (evil_pkl if n.endswith("data.pkl") else d, zipfile.ZIP_STORED))
     with pytest.raises(CheckpointFormatError, match="malformed") as err:
