@@ -394,6 +394,21 @@ def cpu_per_patched_gb(summary: dict, patched: int | None) -> None:
                   f"{' less the startup median' if fixed else ''})")
 
 
+def paired_ratio(runs: list[dict], name: str, against: str) -> dict | None:
+    """`name`'s wall time over `against`'s in the same round, for every round that ran both, and their median
+    (fairer than a ratio of medians while other work on the machine comes and goes); also the CPU seconds."""
+    rounds: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        rounds.setdefault(r["round"], {})[r["name"]] = r
+    pairs = [(rs[name], rs[against]) for rs in rounds.values() if name in rs and against in rs]
+    if not pairs:
+        return None
+    ratios = [round(a["wall_s"] / b["wall_s"], 3) for a, b in pairs]
+    cpu = [(a["user_s"] + a["sys_s"]) - (b["user_s"] + b["sys_s"]) for a, b in pairs]
+    return {"ratios": ratios, "median_ratio": round(statistics.median(ratios), 3),
+            "median_cpu_s": round(statistics.median(cpu), 2)}
+
+
 def table(summary: dict) -> str:
     lines = [f"{'command':<14} {'runs':>4} {'median wall s':>14} {'min..max s':>15} {'x cp':>7} {'peak RSS MiB':>13} "
              f"{'VmHWM MiB':>10} {'GB/s':>7} {'CPU s':>7}"]
@@ -536,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(summary))
     cpu_per_patched_gb(summary, patched)
+    paired = paired_ratio(runs, "sm-digest", "sm-no-digest")
+    if paired:
+        print(f"\ndigest cost: sm-digest / sm-no-digest wall, per round {paired['ratios']}, median "
+              f"{paired['median_ratio']}; CPU +{paired['median_cpu_s']} s per merge (median of the rounds)")
     print(f"\nratios are medians against the median of `cp -r && sync` in this invocation; GB/s = base checkpoint "
           f"bytes / median wall; peak RSS = max over runs of the command tree's ru_maxrss (wait4 in a tiny wrapper)")
     print("commands ({out} is a fresh folder each run):")
@@ -553,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                          "adapter_bytes": info["adapter_bytes"], "device": args.device, "repeats": args.repeats,
                          "inputs_reused": not made},
               "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
-              "summary": summary}
+              "summary": summary, "digest_cost": paired}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

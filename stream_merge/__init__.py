@@ -79,12 +79,14 @@ def plan(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | list[st
     return plan_merge(cfg)[0]
 
 
-def verify_output(output: str | os.PathLike[str], full: bool = False) -> VerifyReport:
+def verify_output(output: str | os.PathLike[str], full: bool = False, progress: Any = False) -> VerifyReport:
     """Check an output folder against its `stream_merge.json` record (what `stream-merge verify` does).
 
     Args:
         output: a folder written by `merge`.
         full: recompute every tensor from the recorded inputs, not only shards without a recorded checksum.
+        progress: False (silent), True (a progress bar), or a callback `(bytes_done, label)` for the bytes
+            hashed (label: the shard) and recomputed (label: "<shard> (recomputed)").
 
     Returns:
         A VerifyReport; `report.ok` is False and `report.problems` names each differing shard and tensor.
@@ -95,7 +97,7 @@ def verify_output(output: str | os.PathLike[str], full: bool = False) -> VerifyR
     """
     from .verify import verify
 
-    return verify(str(output), full=full)
+    return verify(str(output), full=full, progress=progress)
 
 
 def finalize(output: str | os.PathLike[str]) -> MergeReport:

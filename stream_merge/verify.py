@@ -35,7 +35,7 @@ from .compute import Compute, compute_threads, frozen_gc, torch_settings
 from .errors import InputError, StreamMergeError, VerificationError
 from .extras import RECORD_NAME
 from .fileio import file_sha256
-from .progress import Progress, phase_callback
+from .progress import Progress, phase_callback, watch_downloads
 from .pipeline import shard_chunks
 from .records import MergePlan, ShardHeader
 from .safetensors_io import read_header_file
@@ -260,13 +260,18 @@ def _check_files(out: Path, entries: Sequence[dict[str, Any]], wmap: dict[str, s
 
 
 def _recompute(out: Path, record: dict[str, Any], todo: Sequence[str], no_checksum: Sequence[str],
-               headers: dict[str, ShardHeader | None], full: bool, report: VerifyReport, on_bytes: Progress) -> None:
-    """Regenerate the shards in `todo` from the recorded inputs; what cannot be regenerated is not checked."""
+               headers: dict[str, ShardHeader | None], full: bool, report: VerifyReport, on_bytes: Progress,
+               progress: bool | Progress | None = None) -> None:
+    """Regenerate the shards in `todo` from the recorded inputs; what cannot be regenerated is not checked.
+    With `full`, base shards a Hub source downloads are a `download` phase of `progress`."""
     try:
         with _recorded_inputs(record, out, full) as (plan, base_src):
             if plan.fingerprint() != record.get("plan_fingerprint"):
                 report.problems.append("the recorded inputs changed since the merge; cannot recompute tensors")
                 return
+            if full:
+                watch_downloads(progress, base_src, dict.fromkeys(b for s in plan.shards if s.file in todo
+                                                                  for b in s.inputs))
             for file in todo:
                 if not full and not base_src.available(file):
                     report.skip([file] if file in no_checksum else [],
@@ -320,7 +325,7 @@ def verify(output: str | Path, full: bool = False, progress: bool | Progress | N
             report.skip(no_checksum, f"no recorded sha256, merged on {kind}, and recomputing on the {VERIFY_DEVICE} "
                                      "is not comparable bit for bit; merge again to record one")
         elif todo:
-            _recompute(out, record, todo, no_checksum, headers, full, report, on_bytes)
+            _recompute(out, record, todo, no_checksum, headers, full, report, on_bytes, progress)
     finally:
         if phase is not None:
             phase.close()

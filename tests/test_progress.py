@@ -220,3 +220,10 @@ def test_piped_hub_to_hub_merge_shows_download_merge_and_upload(hub, tmp_path: P
     q = merge(tmp_path / "quiet", "--quiet")
     assert q.returncode == 0 and q.stderr == "", q.stderr
     assert "pushed to org/quiet" in q.stdout  # the summary stays
+    v = subprocess.run([sys.executable, "-m", "stream_merge", "verify", str(tmp_path / "merged"), "--full"],
+                       capture_output=True, text=True, env=hub_env(hub, tmp_path / "hf"), timeout=300)
+    assert v.returncode == 0, v.stderr  # verify --full downloads the base shards again: both phases show
+    for phase in ("download", "verify"):
+        done = [ln for ln in v.stderr.splitlines() if ln.startswith(f"{phase}: ") and " done (" in ln]
+        assert len(done) == len(shards) * (2 if phase == "verify" else 1), (phase, v.stderr)
+    assert "\r" not in v.stderr and "\x1b" not in v.stderr

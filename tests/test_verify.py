@@ -262,3 +262,17 @@ def test_push_uses_the_digest_of_the_writer_without_hashing_again(hub, tmp_path:
     p.submit("model.safetensors", hashlib.sha256(written).hexdigest())
     with pytest.raises(HubError, match="push to org/merged2 failed while uploading model.safetensors"):
         p.finish(["model.safetensors.index.json"])
+
+
+def test_the_api_reports_verify_progress_to_a_callback(merged) -> None:  # type: ignore[no-untyped-def]
+    import stream_merge
+
+    _, _, out = merged
+    seen: dict[str, int] = {}
+    report = stream_merge.verify_output(out, progress=lambda n, label: seen.update({label: seen.get(label, 0) + n}))
+    assert report.ok and seen == {p.name: p.stat().st_size for p in out.glob("*.safetensors")}
+    seen.clear()
+    assert stream_merge.verify_output(out, full=True, progress=lambda n, label: seen.update(
+        {label: seen.get(label, 0) + n})).ok
+    sizes = {p.name: p.stat().st_size for p in out.glob("*.safetensors")}
+    assert seen == {**sizes, **{f"{f} (recomputed)": n for f, n in sizes.items()}}
