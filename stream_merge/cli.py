@@ -340,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    bars_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         # huggingface_hub's own bars: none in logs (raw carriage returns) and none when asked for quiet
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -372,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, old)
         if old_io is not None:  # an in-process caller gets its own SIGIO handling back
             signal.signal(signal.SIGIO, old_io)
+        if bars_env is None:  # ... and its environment
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
 
 
 def entry() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants  # noqa: F401 - before any in-process cli.main: read HF_HUB_DISABLE_PROGRESS_BARS once, at import
 import pytest
 import torch
 

@@ -104,9 +104,14 @@ def test_hub_bars_are_off_when_stderr_is_not_a_terminal(pair: tuple[Path, Path],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     base, adapter = pair
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    seen: list[str | None] = []
+    plan_command = cli.COMMANDS["plan"]
+    monkeypatch.setitem(cli.COMMANDS, "plan", lambda args: (
+        seen.append(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")), plan_command(args))[1])
     assert cli.main(["plan", str(base), str(adapter), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
-    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert seen == ["1"]  # off while the command runs ...
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # ... and an in-process caller's environment given back
 
 
 # ---------------------------------------------------------------------------------------------- phases (issue 15.3)
