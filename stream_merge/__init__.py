@@ -84,7 +84,7 @@ def verify_output(output: str | os.PathLike[str], full: bool = False, progress: 
 
     Args:
         output: a folder written by `merge`.
-        full: recompute every tensor from the recorded inputs, not only shards without a recorded checksum.
+        full: recompute every tensor from the recorded inputs, not only shards without a recorded digest.
         progress: False (silent), True (a progress bar), or a callback `(bytes_done, label)` for the bytes
             hashed (label: the shard) and recomputed (label: "<shard> (recomputed)").
 

@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, "plan")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     v = sub.add_parser("verify", help="check an output folder against its record (exit 1 on a mismatch)",
-                       description="Check every shard's size and sha256 against stream_merge.json (reading each "
-                                   "shard once; the inputs are not needed) and every header against the index. "
-                                   "Shards without a recorded sha256 (older merges) are recomputed from the recorded "
+                       description="Check every shard's size and digest (its sha256 where recorded, else its "
+                                   "xxh3_128) against stream_merge.json (reading each shard once; the inputs are not "
+                                   "needed) and every header against the index. "
+                                   "Shards without a recorded digest (older merges) are recomputed from the recorded "
                                    "inputs; --full recomputes every shard and names the first differing tensor.")
     v.add_argument("output", metavar="OUT", help="a folder written by stream-merge merge")
     v.add_argument("--full", action="store_true", help="recompute all tensors from the recorded BASE and ADAPTERs")
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     f = sub.add_parser("finalize", help="after partitioned --worker runs: check every shard, write the index",
                        description="Check that every shard of a partitioned merge is finished and matches the "
-                                   "journal (size and mtime, or sha256), then write the side files, the record and "
-                                   "the index. Refuses (exit 2) while shards are missing.")
+                                   "journal (size and mtime, or its digest), then write the side files, the record "
+                                   "and the index. Refuses (exit 2) while shards are missing.")
     f.add_argument("output", metavar="OUT", help="the shared output folder of the --worker runs")
     f.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

@@ -1,7 +1,7 @@
 """Completing an output folder once every shard is on disk: side files, model card, record, and last the
 index, whose presence means "complete". The resume journal is removed just before the index is written
 (issue 15 item 6): the record then holds everything a re-run needs (fingerprint, inputs, options, each
-shard's size and sha256), and a kill between the two leaves an OUT that a re-run completes. The record's bytes
+shard's size and digests), and a kill between the two leaves an OUT that a re-run completes. The record's bytes
 hold no times, so two merges of the same inputs write the same record; each shard's mtime goes into an
 extended attribute of the record (metadata, where the file system has them; see `resume.journal_from_record`)."""
 

@@ -80,7 +80,8 @@ class MergeConfig:
                              fingerprint=True, help="skip the NaN/Inf check on merged tensors")
     checksums: bool = opt(False, coerce=o.flag, flags=("--checksums",), commands=("merge",),
                           help="also record the sha256 of each local BASE file (one more read of the base), so "
-                               "a copied base is recognised by content on resume; the sha256 of every output shard "
+                               "a copied base is recognised by content on resume, and the sha256 of every output "
+                               "shard (computed while writing; with --push-to-hub always); every shard's XXH3-128 "
                                "is always recorded")
     prefetch: int = opt(1, coerce=o.whole_number(0, MAX_PREFETCH, "each shard fetched ahead is a whole base shard "
                                                  "on disk at once"),

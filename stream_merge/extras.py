@@ -113,5 +113,5 @@ def write_index(out: Path, plan: MergePlan) -> None:
 
 
 def shard_entries(results: Sequence[ShardResult]) -> list[dict[str, Any]]:
-    return [{"file": r.file, "size": r.size, "sha256": r.sha256, "patched": r.patched, "copied": r.copied}
-            for r in results]
+    return [{"file": r.file, "size": r.size, "sha256": r.sha256, "xxh3_128": r.xxh3_128, "patched": r.patched,
+             "copied": r.copied} for r in results]

@@ -1,10 +1,10 @@
 """The resume journal: `stream_merge.journal.json` in OUT holds a fingerprint of the inputs and options, and
-`.stream-merge-journal/` one small record (size, mtime, sha256 when checksums are on) per finished shard. Each
-file is written atomically by the process that finished that shard, so after any crash the journal lists
-exactly the shards that are safely on disk, and workers of a partitioned merge (`--worker I/N`, Ray tasks) can
-share one OUT on a shared file system without a global lock. Once the output is complete the journal is
-removed; `stream_merge.json` (the record) then says the same. Imports only the standard library, `fileio`
-and `errors`, so reading a journal never loads torch.
+`.stream-merge-journal/` one small record (size, mtime, xxh3_128, sha256 with a push or --checksums) per
+finished shard. Each file is written atomically by the process that finished that shard, so after any crash
+the journal lists exactly the shards that are safely on disk, and workers of a partitioned merge (`--worker
+I/N`, Ray tasks) can share one OUT on a shared file system without a global lock. Once the output is
+complete the journal is removed; `stream_merge.json` (the record) then says the same. Imports only the
+standard library, `fileio` and `errors` (and through fileio xxhash), so reading a journal never loads torch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from .errors import OutputError
-from .fileio import NAME_MAX, file_sha256, write_file_atomic
+from .fileio import NAME_MAX, file_digest, recorded_digest, write_file_atomic
 
 if TYPE_CHECKING:
     from .records import ShardResult
@@ -87,7 +87,7 @@ def shard_entry(out_dir: Path, res: ShardResult) -> dict[str, Any]:
     """What the journal keeps about a published shard."""
     st = (out_dir / res.file).stat()
     return {"file": res.file, "size": res.size, "mtime_ns": st.st_mtime_ns, "sha256": res.sha256,
-            "patched": res.patched, "copied": res.copied}
+            "xxh3_128": res.xxh3_128, "patched": res.patched, "copied": res.copied}
 
 
 def record_shard(out_dir: Path, res: ShardResult) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def shard_finished(path: Path, entry: dict[str, Any] | None) -> bool:
     """THE definition of a finished shard, used by resume, by the pending check and by finalize: the file at
     `path` has the recorded size and either the recorded mtime (still the file we published; for an entry
     rebuilt from a finished merge's record, an mtime not later than the record's, `not_after_ns`) or, when
-    the folder was copied since, the recorded sha256."""
+    the folder was copied since, the recorded digest (sha256 when recorded, else xxh3_128)."""
     if not entry or "size" not in entry:
         return False
     try:
@@ -114,7 +114,8 @@ def shard_finished(path: Path, entry: dict[str, Any] | None) -> bool:
         return False
     if entry.get("mtime_ns") == st.st_mtime_ns or st.st_mtime_ns <= entry.get("not_after_ns", -1):
         return True
-    return bool(entry.get("sha256")) and file_sha256(path) == entry["sha256"]
+    digest = recorded_digest(entry)
+    return digest is not None and file_digest(path, digest[0]) == digest[1]
 
 
 def _read_records(out_dir: Path) -> dict[str, dict[str, Any]]:

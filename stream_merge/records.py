@@ -378,10 +378,11 @@ class MergePlan:
 class ShardResult:
     file: str
     size: int
-    sha256: str | None  # None unless checksums were on (--checksums, --push-to-hub)
+    sha256: str | None  # None unless asked for (--checksums, --push-to-hub)
     patched: int
     copied: int
     seconds: float
+    xxh3_128: str | None = None  # the writer's XXH3-128: every merge records it; None in older records
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def prepare_journal(out: Path, plan: MergePlan, fp: str, inputs: dict[str, Any],
 def journal_result(journal: Journal, file: str) -> ShardResult:
     entry = journal.shards[file]
     return ShardResult(file=file, size=entry["size"], sha256=entry.get("sha256"), patched=entry["patched"],
-                       copied=entry["copied"], seconds=0.0)
+                       copied=entry["copied"], seconds=0.0, xxh3_128=entry.get("xxh3_128"))
 
 
 def shard_done(out: Path, journal: Journal, file: str, local_copy: bool = True) -> bool:

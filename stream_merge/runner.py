@@ -213,7 +213,9 @@ class _MergeRun:
         cfg = self.cfg
         compute = Compute(device=self.device, block_bytes=cfg.block_size_mb * 1024 * 1024,
                           check_finite=cfg.check_finite, threads=compute_threads(self.device))
-        checksum = True  # every shard's sha256, computed by the writer: the record, verify and the push use it
+        # every shard's XXH3-128 is computed by the writer (the record, verify and resume use it); its sha256 too
+        # only where something needs it: a push (the LFS oid) or --checksums (asked for sha256 everywhere)
+        checksum = self.pusher is not None or cfg.checksums
         assert self.journal is not None
         if not todo:
             return [self.done[s.file] for s in self.plan.shards if s.file in self.done]

@@ -1,9 +1,10 @@
 """`stream-merge verify OUT [--full]`: is an output folder exactly what its record says?
 
-The default mode reads each output shard once and compares its size and sha256 with `stream_merge.json` (every
-merge records the sha256 of each shard, computed by the writer while it wrote the bytes), and every header
-with the index. It never reads the inputs: a shard that differs is named, and `--full` names its first
-differing tensor. A shard without a recorded sha256 (merged by a version that did not always record one) is
+The default mode reads each output shard once and compares its size and digest with `stream_merge.json` (every
+merge records the XXH3-128 of each shard, computed by the writer while it wrote the bytes, and its sha256 with
+--push-to-hub or --checksums; the sha256 is compared where recorded), and every header with the index. It never
+reads the inputs: a shard that differs is named, and `--full` names its first differing tensor. A shard without
+a recorded digest (merged by a version that did not always record one) is
 recomputed instead, and the summary says so. With --full, every shard is also regenerated from the recorded
 inputs and compared byte for byte, which names the first differing tensor. Base shards are read through their
 source: a local folder, or for a Hub base the HF cache (default mode) or a fresh download into OUT's download
@@ -34,7 +35,7 @@ from .checkpoint import INDEX_NAME, regular_file
 from .compute import Compute, compute_threads, frozen_gc, torch_settings
 from .errors import InputError, StreamMergeError, VerificationError
 from .extras import RECORD_NAME
-from .fileio import file_sha256
+from .fileio import file_sha256, file_xxh3_128, recorded_digest
 from .progress import Progress, phase_callback, watch_downloads
 from .pipeline import shard_chunks
 from .records import MergePlan, ShardHeader
@@ -214,16 +215,19 @@ def _first_difference(chunks: Any, pool: Any, f: Any, header: ShardHeader | None
 
 
 def _check_digest(path: Path, entry: dict[str, Any], report: VerifyReport, on_bytes: Progress) -> bool:
-    """Whether the file at `path` has the recorded size and (when recorded) sha256; a difference is reported
-    naming the file. The size is compared first, so a truncated or grown shard is never hashed."""
+    """Whether the file at `path` has the recorded size and (when recorded) digest, the sha256 where the record
+    has one (a push or --checksums), else the xxh3_128 (every merge since it was the default); a difference is
+    reported naming the file. The size is compared first, so a truncated or grown shard is never hashed."""
     file = entry["file"]
     size = path.stat().st_size
     if size != entry["size"]:
         report.problems.append(f"{file}: size {size:,} bytes differs from the record's {entry['size']:,} "
                                "(truncated or replaced)")
         return False
-    if entry.get("sha256") and file_sha256(path, on_bytes=lambda n: on_bytes(n, file)) != entry["sha256"]:
-        report.problems.append(f"{file}: sha256 differs from the record (the bytes changed since the merge; "
+    digest = recorded_digest(entry)
+    hasher = file_sha256 if digest is not None and digest[0] == "sha256" else file_xxh3_128
+    if digest is not None and hasher(path, on_bytes=lambda n: on_bytes(n, file)) != digest[1]:
+        report.problems.append(f"{file}: {digest[0]} differs from the record (the bytes changed since the merge; "
                                "`verify --full` names the first differing tensor)")
         return False
     return True
@@ -247,7 +251,7 @@ def _check_files(out: Path, entries: Sequence[dict[str, Any]], wmap: dict[str, s
             headers[file] = None
             report.problems.append(f"{file}: {exc.message}")
             continue
-        if _check_digest(path, entry, report, on_bytes) and not entry.get("sha256"):
+        if _check_digest(path, entry, report, on_bytes) and recorded_digest(entry) is None:
             no_checksum.append(file)  # merged before every shard had a digest: only recomputing can check it
     in_headers = {t.name: f for f, h in headers.items() if h for t in h.tensors}
     for name, file in wmap.items():
@@ -286,10 +290,10 @@ def _recompute(out: Path, record: dict[str, Any], todo: Sequence[str], no_checks
 
 
 def _progress_totals(entries: Sequence[dict[str, Any]], full: bool) -> dict[str, int]:
-    """Progress label -> bytes: each shard with a recorded sha256 is hashed; each without one (every shard with
+    """Progress label -> bytes: each shard with a recorded digest is hashed; each without one (every shard with
     `full`) is recomputed."""
-    totals = {e["file"]: e["size"] for e in entries if e.get("sha256")}
-    totals.update({recompute_label(e["file"]): e["size"] for e in entries if full or not e.get("sha256")})
+    totals = {e["file"]: e["size"] for e in entries if recorded_digest(e)}
+    totals.update({recompute_label(e["file"]): e["size"] for e in entries if full or not recorded_digest(e)})
     return totals
 
 
@@ -299,7 +303,7 @@ def verify(output: str | Path, full: bool = False, progress: bool | Progress | N
     Args:
         output: the folder a merge wrote.
         full: also regenerate every shard from the recorded inputs (downloading Hub base shards), instead of
-            only those without a recorded sha256.
+            only those without a recorded digest (sha256 or xxh3_128).
         progress: a `progress.Reporter` (a "verify" phase: bytes hashed and recomputed), a callback
             `(bytes, label)`, True for a bar, or None / False.
 

@@ -98,7 +98,7 @@ def write_shard(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequ
     """Write the merged shard to a temp file beside `out_path`; it is published (fsync, rename) by
     `commit()` on the returned AtomicFile, which the runner does on another thread while the next shard is
     merged. `readers` are the base shards it reads (or the one reader of a shard that reads one). The
-    result's size (and sha256, with `checksum`) are already final. `others` reads tensors of other shards
+    result's size and XXH3-128 (and sha256, with `checksum`) are already final. `others` reads tensors of other shards
     (fp8 scales stored apart from their weight; default: the files beside this one)."""
     t0 = time.perf_counter()
     out = AtomicFile(out_path, digest=checksum, direct=compute.direct_io)
@@ -120,13 +120,14 @@ def write_shard(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequ
         raise
     touched = len(shard.touched)
     return out, ShardResult(file=shard.file, size=out.size, sha256=out.hexdigest(), patched=touched,
-                            copied=len(shard.tensors) - touched, seconds=time.perf_counter() - t0)
+                            copied=len(shard.tensors) - touched, seconds=time.perf_counter() - t0,
+                            xxh3_128=out.xxh3_128())
 
 
 def merge_shard(shard: ShardPlan, readers: ShardReader | Readers, adapters: Sequence[AdapterReader],
                 out_path: Path, compute: Compute, on_bytes: Callable[[int], None] = lambda n: None,
                 checksum: bool = True, others: OtherShards | None = None) -> ShardResult:
-    """Write the merged version of one shard to `out_path` atomically and return its size and sha256."""
+    """Write the merged version of one shard to `out_path` atomically and return its size and digests."""
     out, result = write_shard(shard, readers, adapters, out_path, compute, on_bytes, checksum, others)
     publish(out)
     return result

@@ -33,3 +33,27 @@ def test_bench_digest_cost_and_verify_tiny(tmp_path: Path) -> None:
     assert " verify " in d["commands"]["verify"] and "--full" in d["commands"]["verify-full"]
     assert len(d["digest_cost"]["ratios"]) == 1 and "digest cost: " in p.stdout
     assert not any((tmp_path / "work").rglob("*.safetensors"))  # the verified output is gone with the rest
+
+
+def test_the_digest_launcher_runs_the_default_or_no_shard_digest(tmp_path: Path) -> None:
+    """sm-digest is the merge as shipped (each shard's xxh3_128, no sha256); sm-no-digest hashes no shard."""
+    import os
+    import subprocess
+    import sys
+
+    import xxhash
+
+    from conftest import make_pair
+
+    base, adapter = make_pair(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for on in (True, False):
+        out = tmp_path / f"out-{on}"
+        r = subprocess.run([*bench.digest_cmd(on), "merge", str(base), str(adapter), "-o", str(out), "--quiet",
+                            "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        entries = json.loads((out / "stream_merge.json").read_text())["shards"]
+        assert len(entries) > 1 and all(e["sha256"] is None for e in entries)
+        for e in entries:
+            want = xxhash.xxh3_128((out / e["file"]).read_bytes()).hexdigest() if on else None
+            assert e["xxh3_128"] == want, (on, e["file"])

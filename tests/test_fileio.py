@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hashlib
+
 import pytest
+import xxhash
 
 from stream_merge import fileio
 from stream_merge.errors import OutputError
-from stream_merge.fileio import (NAME_MAX, TMP_PREFIX, AtomicFile, file_sha256, owner_is_dead, owner_tag,
-                                 remove_dead_temps, temp_name, temp_owner, write_file_atomic)
+from stream_merge.fileio import (HASH_THREAD_MIN, NAME_MAX, TMP_PREFIX, AtomicFile, file_sha256, file_xxh3_128,
+                                 owner_is_dead, owner_tag, recorded_digest, remove_dead_temps, temp_name,
+                                 temp_owner, write_file_atomic)
 
 
 def _ended_pid() -> int:
@@ -40,6 +44,27 @@ def test_a_final_name_of_name_max_bytes_is_written(tmp_path: Path) -> None:
     path = tmp_path / ("s" * (NAME_MAX - len(".safetensors")) + ".safetensors")
     assert write_file_atomic(path, b"abc") == file_sha256(path)
     assert path.read_bytes() == b"abc" and os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("digest", [False, True])
+def test_the_writer_always_hashes_xxh3_128_and_sha256_only_when_asked(tmp_path: Path, digest: bool) -> None:
+    """Small writes are hashed inline, big ones (>= HASH_THREAD_MIN) on the hash thread: both feed both digests."""
+    parts = [b"head", os.urandom(HASH_THREAD_MIN + 7), b"", os.urandom(100), os.urandom(2 * HASH_THREAD_MIN)]
+    path = tmp_path / "model.safetensors"
+    with AtomicFile(path, digest=digest) as f:
+        for p in parts:
+            f.write(memoryview(bytearray(p)))
+        size, sha = f.commit()
+    data = b"".join(parts)
+    assert path.read_bytes() == data and size == len(data)
+    assert f.xxh3_128() == xxhash.xxh3_128(data).hexdigest() == file_xxh3_128(path)
+    assert sha == f.hexdigest() == (hashlib.sha256(data).hexdigest() if digest else None)
+
+
+def test_recorded_digest_prefers_sha256_then_xxh3_128(tmp_path: Path) -> None:
+    assert recorded_digest({"sha256": "s", "xxh3_128": "x"}) == ("sha256", "s")
+    assert recorded_digest({"sha256": None, "xxh3_128": "x"}) == ("xxh3_128", "x")
+    assert recorded_digest({"sha256": None}) is None and recorded_digest({}) is None
 
 
 def test_a_name_the_file_system_refuses_is_an_output_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from stream_merge.errors import OutputError
 from stream_merge.fileio import NAME_MAX, file_sha256
@@ -68,6 +69,20 @@ def test_finished_means_same_size_and_mtime_or_same_sha256(tmp_path: Path) -> No
     assert not shard_finished(out / "a.safetensors", ea)
     (out / "b.safetensors").write_bytes(b"short")
     assert not shard_finished(out / "b.safetensors", eb)
+
+
+def test_a_copied_shard_with_only_an_xxh3_128_is_recognised_by_it(tmp_path: Path) -> None:
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    out.mkdir()
+    copy.mkdir()
+    (out / "c.safetensors").write_bytes(b"shard bytes")
+    entry = {"file": "c.safetensors", "size": 11, "mtime_ns": 5, "sha256": None,
+             "xxh3_128": xxhash.xxh3_128(b"shard bytes").hexdigest()}
+    shutil.copyfile(out / "c.safetensors", copy / "c.safetensors")
+    os.utime(copy / "c.safetensors", ns=(1, 1))
+    assert shard_finished(copy / "c.safetensors", entry)
+    (copy / "c.safetensors").write_bytes(b"shard bytez")  # same size, other bytes
+    assert not shard_finished(copy / "c.safetensors", entry)
 
 
 def test_an_entry_from_a_record_accepts_files_not_modified_after_it(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 import stream_merge
 from conftest import make_pair, run_cli
@@ -160,6 +161,7 @@ def test_parallel_small_blocks_give_the_bytes_of_a_plain_merge(tmp_path: Path, k
                 data = (out / shard.file).read_bytes()
                 assert data == (ref / shard.file).read_bytes(), (threads, direct, shard.file)
                 assert res.sha256 == hashlib.sha256(data).hexdigest() and res.size == len(data)
+                assert res.xxh3_128 == xxhash.xxh3_128(data).hexdigest()
                 blocks = max(blocks, max((t.shape[0] * 4 * (t.shape[1] if len(t.shape) > 1 else 1)) // (8 * 1024)
                                          for t in shard.touched) if shard.touched else 0)
     assert blocks >= 8  # the small budget really split tensors into many blocks
@@ -167,17 +169,19 @@ def test_parallel_small_blocks_give_the_bytes_of_a_plain_merge(tmp_path: Path, k
         a.close()
 
 
-def test_output_checksums_are_always_recorded_and_checksums_adds_the_inputs(pair: tuple[Path, Path],
-                                                                           tmp_path: Path) -> None:
+def test_output_xxh3_128_is_always_recorded_and_checksums_adds_sha256s(pair: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
     base, adapter = pair
     plain, summed = tmp_path / "plain", tmp_path / "summed"
     assert run_cli("merge", base, adapter, "-o", plain, "--quiet").returncode == 0
     assert run_cli("merge", base, adapter, "-o", summed, "--quiet", "--checksums").returncode == 0
     rec_plain = json.loads((plain / "stream_merge.json").read_text())
     rec_summed = json.loads((summed / "stream_merge.json").read_text())
-    assert rec_plain["shards"] == rec_summed["shards"]
+    # the same entries but for the output sha256, which only --checksums (or a push) computes
+    assert [{**e, "sha256": None} for e in rec_summed["shards"]] == rec_plain["shards"]
     for e in rec_summed["shards"]:
         assert e["sha256"] == hashlib.sha256((summed / e["file"]).read_bytes()).hexdigest()
+        assert e["xxh3_128"] == xxhash.xxh3_128((summed / e["file"]).read_bytes()).hexdigest()
         assert (plain / e["file"]).read_bytes() == (summed / e["file"]).read_bytes()
     # --checksums: the base files' sha256 too (a copied base is then recognised by content on resume)
     assert not any("sha256" in f for f in rec_plain["inputs"]["base"]["files"].values())
@@ -186,10 +190,11 @@ def test_output_checksums_are_always_recorded_and_checksums_adds_the_inputs(pair
 
 
 def _forget_digests(out: Path) -> None:
-    """Make OUT's record look like one of a merge that recorded no output sha256 (older versions)."""
+    """Make OUT's record look like one of a merge that recorded no output digest (older versions)."""
     record = json.loads((out / "stream_merge.json").read_text())
     for e in record["shards"]:
         e["sha256"] = None
+        e.pop("xxh3_128", None)  # older versions did not know the field
     (out / "stream_merge.json").write_text(json.dumps(record))
 
 
@@ -227,12 +232,12 @@ def test_resume_redoes_a_finished_shard_that_was_changed_since(pair: tuple[Path,
     assert run_cli("merge", base, adapter, "-o", out, "--quiet").returncode == 0
     ref = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     shards = sorted(ref)
-    for digests in (False, True):  # an older merge's record first; the shards it redoes get a sha256
+    for digests in (False, True):  # an older merge's record first; the shards it redoes get an xxh3_128
         (out / "model.safetensors.index.json").unlink()  # "unfinished": the next run resumes
         if not digests:
             _forget_digests(out)  # as an older merge left it
         _flip(out / shards[0])  # same size, new mtime: redone
-        os.utime(out / shards[1], ns=(0, 0))  # only the mtime changed: kept when its sha256 still matches,
+        os.utime(out / shards[1], ns=(0, 0))  # only the mtime changed: kept when its digest still matches,
         r = run_cli("merge", base, adapter, "-o", out)  # redone without one (nothing proves it unchanged)
         assert r.returncode == 0, r.stderr
         assert f"({len(shards) - (1 if digests else 2)} resumed)" in r.stdout, r.stdout

@@ -1,5 +1,6 @@
-"""verify.py: the default mode checks each shard's recorded sha256 (computed while writing) without reading
-the inputs, --full recomputes, a shard without a digest (an older merge) is recomputed and said so; the record
+"""verify.py: the default mode checks each shard's recorded digest (computed while writing: xxh3_128 always,
+sha256 with --checksums or a push, compared where recorded) without reading the inputs, --full recomputes, a
+shard without a digest (an older merge) is recomputed and said so; the record
 is untrusted input, special files never block, a merge on another device kind is not recomputed on the CPU,
 and a shard is never called ok without a check."""
 
@@ -9,9 +10,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from conftest import make_pair, run_cli
 from stream_merge.errors import InputError
@@ -22,6 +25,17 @@ RECORD = "stream_merge.json"
 
 @pytest.fixture
 def merged(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A merge with --checksums: every shard records its sha256 (as with a push) beside its xxh3_128."""
+    base, adapter = make_pair(tmp_path)
+    out = tmp_path / "out"
+    r = run_cli("merge", base, adapter, "-o", out, "--quiet", "--device", "cpu", "--checksums")
+    assert r.returncode == 0, r.stderr
+    return base, adapter, out
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A merge with the default options: each shard records its xxh3_128 and no sha256."""
     base, adapter = make_pair(tmp_path)
     out = tmp_path / "out"
     r = run_cli("merge", base, adapter, "-o", out, "--quiet", "--device", "cpu")
@@ -36,11 +50,12 @@ def _edit_record(out: Path, change) -> None:  # type: ignore[no-untyped-def]
 
 
 def _forget_digests(out: Path, files: set[str] | None = None) -> None:
-    """Make OUT's record look like one of a merge that recorded no sha256 (for `files`, or every shard)."""
+    """Make OUT's record look like one of a merge that recorded no digest (for `files`, or every shard)."""
     def forget(record: dict) -> None:
         for e in record["shards"]:
             if files is None or e["file"] in files:
                 e["sha256"] = None
+                e.pop("xxh3_128", None)  # older versions did not know the field
 
     _edit_record(out, forget)
 
@@ -117,7 +132,7 @@ def test_summary_never_calls_an_unchecked_shard_ok() -> None:
 # ---------------------------------------------------------------------------------------------- item 9: fast verify
 
 
-def test_every_merge_records_each_shards_sha256_computed_while_writing(merged) -> None:  # type: ignore[no-untyped-def]
+def test_checksums_record_each_shards_sha256_computed_while_writing(merged) -> None:  # type: ignore[no-untyped-def]
     _, _, out = merged
     entries = json.loads((out / RECORD).read_text())["shards"]
     assert len(entries) == len(list(out.glob("*.safetensors"))) > 1
@@ -207,7 +222,7 @@ def test_a_resumed_merge_records_every_shards_digest(merged) -> None:  # type: i
     (out / "model.safetensors.index.json").unlink()  # unfinished: the next run resumes
     (out / shards[1]).unlink()
     (out / shards[-1]).unlink()
-    r = run_cli("merge", base, adapter, "-o", out, "--device", "cpu")
+    r = run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--checksums")
     assert r.returncode == 0 and f"({len(shards) - 2} resumed)" in r.stdout, r.stdout
     after = {e["file"]: e["sha256"] for e in json.loads((out / RECORD).read_text())["shards"]}
     assert after == before == {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in shards}
@@ -220,11 +235,111 @@ def test_a_resumed_older_merge_keeps_a_shard_without_digest_verifiable(merged) -
     _forget_digests(out, {shards[0]})  # finished by an older version: kept as it is, not hashed again
     (out / "model.safetensors.index.json").unlink()
     (out / shards[1]).unlink()
-    assert run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--quiet").returncode == 0
+    assert run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--quiet", "--checksums").returncode == 0
     after = {e["file"]: e["sha256"] for e in json.loads((out / RECORD).read_text())["shards"]}
     assert after[shards[0]] is None and all(after[f] for f in shards[1:])
     r = run_cli("verify", out)
     assert r.returncode == 0 and "1 recomputed" in r.stdout and "no recorded sha256" in r.stdout, r.stdout
+
+
+def test_a_default_resume_keeps_the_sha256_of_shards_an_earlier_run_finished(merged: tuple[Path, Path, Path]) -> None:
+    base, adapter, out = merged
+    before = {e["file"]: e for e in json.loads((out / RECORD).read_text())["shards"]}
+    shards = sorted(before)
+    (out / "model.safetensors.index.json").unlink()  # unfinished: the next run resumes, without --checksums
+    (out / shards[1]).unlink()
+    assert run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--quiet").returncode == 0
+    after = {e["file"]: e for e in json.loads((out / RECORD).read_text())["shards"]}
+    for f in shards:
+        assert after[f]["xxh3_128"] == xxhash.xxh3_128((out / f).read_bytes()).hexdigest(), f
+        assert after[f]["sha256"] == (None if f == shards[1] else before[f]["sha256"]), f
+    for f in (shards[0], shards[1]):  # one compared by its kept sha256, one by its new xxh3_128
+        _flip(out / f)
+        bad = run_cli("verify", out)
+        kind = "xxh3_128" if f == shards[1] else "sha256"
+        assert bad.returncode == 1 and f"mismatch: {f}: {kind} differs" in bad.stderr, bad.stderr
+        _flip(out / f)
+
+
+def test_every_merge_records_each_shards_xxh3_128_and_no_sha256_by_default(plain: tuple[Path, Path, Path]) -> None:
+    _, _, out = plain
+    entries = json.loads((out / RECORD).read_text())["shards"]
+    assert len(entries) == len(list(out.glob("*.safetensors"))) > 1
+    for e in entries:
+        assert e["xxh3_128"] == xxhash.xxh3_128((out / e["file"]).read_bytes()).hexdigest(), e["file"]
+        assert e["sha256"] is None, e["file"]
+
+
+def test_checksums_record_the_xxh3_128_too(merged: tuple[Path, Path, Path]) -> None:
+    _, _, out = merged
+    for e in json.loads((out / RECORD).read_text())["shards"]:
+        assert e["xxh3_128"] == xxhash.xxh3_128((out / e["file"]).read_bytes()).hexdigest(), e["file"]
+
+
+def test_default_verify_catches_a_flipped_byte_by_xxh3_128_without_the_base(plain: tuple[Path, Path, Path],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream_merge.verify as v
+
+    base, adapter, out = plain
+    shutil.move(base, base.with_name("gone-base"))  # the default mode must not read (or plan) the inputs
+    shutil.move(adapter, adapter.with_name("gone-adapter"))
+    monkeypatch.setattr(v, "_recompute", lambda *a, **k: pytest.fail("default verify recomputed"))
+    monkeypatch.setattr(v, "file_sha256", lambda *a, **k: pytest.fail("no sha256 was recorded to compare"))
+    shards = sorted(out.glob("*.safetensors"))
+    assert verify(out).ok
+    _flip(shards[1])
+    report = verify(out)
+    assert report.problems == [f"{shards[1].name}: xxh3_128 differs from the record (the bytes changed since the "
+                               "merge; `verify --full` names the first differing tensor)"]
+    bad = run_cli("verify", out)
+    assert bad.returncode == 1 and f"mismatch: {shards[1].name}: xxh3_128 differs" in bad.stderr, bad.stderr
+
+
+def test_verify_compares_the_sha256_where_both_are_recorded(merged: tuple[Path, Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream_merge.verify as v
+
+    _, _, out = merged
+    monkeypatch.setattr(v, "file_xxh3_128", lambda *a, **k: pytest.fail("the sha256 was recorded: it decides"))
+    assert verify(out).ok
+    shard = sorted(out.glob("*.safetensors"))[0]
+    _flip(shard)
+    assert verify(out).problems == [f"{shard.name}: sha256 differs from the record (the bytes changed since the "
+                                    "merge; `verify --full` names the first differing tensor)"]
+
+
+def test_a_merge_without_push_computes_no_sha256_of_its_shards(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, with hashlib.sha256 failing whenever a shard writer (AtomicFile) or a file hash of an output
+    shard would start one: the default merge never pays for a sha256 of its output."""
+    import stream_merge
+    from stream_merge import fileio
+
+    base, adapter = make_pair(tmp_path)
+    out = tmp_path / "out"
+    real = hashlib.sha256
+    started: list[str] = []
+
+    def guarded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        caller = sys._getframe(1)
+        if caller.f_code is fileio.AtomicFile.__init__.__code__ and caller.f_locals.get("digest"):
+            started.append(str(caller.f_locals.get("final")))
+            raise AssertionError("a shard writer started a sha256")
+        if caller.f_code is fileio.file_sha256.__code__ and Path(caller.f_locals["path"]).parent == out:
+            started.append(str(caller.f_locals["path"]))
+            raise AssertionError("an output shard was hashed with sha256")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", guarded)
+    stream_merge.merge(str(base), [str(adapter)], str(out), device="cpu")
+    monkeypatch.setattr(hashlib, "sha256", real)
+    assert started == []
+    entries = json.loads((out / RECORD).read_text())["shards"]
+    assert len(entries) > 1 and all(e["sha256"] is None and e["xxh3_128"] for e in entries)
+    assert verify(out).ok
+    stream_merge.merge(str(base), [str(adapter)], str(tmp_path / "sha"), device="cpu", checksums=True)
+    assert started == [] and all(e["sha256"] == real((tmp_path / "sha" / e["file"]).read_bytes()).hexdigest()
+                                 for e in json.loads((tmp_path / "sha" / RECORD).read_text())["shards"])
 
 
 @pytest.mark.hub
@@ -262,6 +377,33 @@ def test_push_uses_the_digest_of_the_writer_without_hashing_again(hub, tmp_path:
     p.submit("model.safetensors", hashlib.sha256(written).hexdigest())
     with pytest.raises(HubError, match="push to org/merged2 failed while uploading model.safetensors"):
         p.finish(["model.safetensors.index.json"])
+
+
+@pytest.mark.hub
+def test_a_merge_with_push_records_the_writers_sha256_and_uploads_it(hub, tmp_path: Path, monkeypatch) -> None:
+    """--push-to-hub keeps the sha256 computed by the writer (the LFS oid, never hashed again) beside the
+    xxh3_128; verify then compares the sha256."""
+    from huggingface_hub import constants, lfs
+
+    import stream_merge
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(lfs, "sha_fileobj", lambda *a, **k: pytest.fail("the shard was hashed a second time"))
+    base, adapter = make_pair(tmp_path)
+    out = tmp_path / "out"
+    stream_merge.merge(str(base), [str(adapter)], str(out), device="cpu", push_to_hub="org/pushed", token="hf_push")
+    entries = json.loads((out / RECORD).read_text())["shards"]
+    head = hub.get_repo("org/pushed").commits[hub.get_repo("org/pushed").branches["main"]]
+    assert len(entries) > 1
+    for e in entries:
+        data = (out / e["file"]).read_bytes()
+        assert e["sha256"] == head.files[e["file"]].sha256 == hashlib.sha256(data).hexdigest(), e["file"]
+        assert e["xxh3_128"] == xxhash.xxh3_128(data).hexdigest(), e["file"]
+    assert verify(out).ok
 
 
 def test_the_api_reports_verify_progress_to_a_callback(merged) -> None:  # type: ignore[no-untyped-def]
