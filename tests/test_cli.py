@@ -45,9 +45,9 @@ def test_verify_names_shard_and_tensor_of_a_flipped_byte(pair: tuple[Path, Path]
         data = bytearray(path.read_bytes())
         data[-2] ^= 0x10
         path.write_bytes(bytes(data))
-        r = run_cli("verify", out)  # the recorded sha256 names the shard, without reading the inputs
+        r = run_cli("verify", out)  # the recorded xxh3_128 names the shard, without reading the inputs
         assert r.returncode == 1, r.stdout
-        assert f"{shard['file']}: sha256 differs" in r.stderr
+        assert f"{shard['file']}: xxh3_128 differs" in r.stderr
         r = run_cli("verify", out, "--full")  # recomputing names the tensor
         assert r.returncode == 1, r.stdout
         assert shard["file"] in r.stderr and "tensor '" in r.stderr
