@@ -87,7 +87,8 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
                                             shard, args.rank)
     if args.pickle:
         base = pickle_base(base)
-    largest = max(p.stat().st_size for p in base.iterdir() if p.suffix in (".bin", ".safetensors"))
+    weights = [p.stat().st_size for p in base.iterdir() if p.suffix in (".bin", ".safetensors")]
+    largest = max(weights)
     cmd, out, log = merge_command(args, base, adapter, workdir)
     try:
         src = source_digest()
@@ -101,7 +102,7 @@ def one(args: argparse.Namespace, size: int, shard: int, workdir: Path) -> dict:
     if r["rc"] != 0 or not ok_out:
         raise SystemExit(f"the merge failed (exit {r['rc']}):\n{tail(log)}")
     log.unlink(missing_ok=True)
-    res = {"size_arg": size, "shard_size": shard, "base_bytes": info["base_bytes"], "shards": info["shards"],
+    res = {"size_arg": size, "shard_size": shard, "base_bytes": sum(weights), "shards": info["shards"],
            "layers": info["params"]["shape"]["layers"], "largest_shard_bytes": largest,
            "max_shard_size": args.max_shard_size, "out_shards": out_shards,
            "format": "pickle (.bin)" if args.pickle else "safetensors", "command": cmd, "wall_s": round(r["wall_s"], 3),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .errors import MergeInterrupted, PlanError, StreamMergeError, memory_error
+from .errors import CompatibilityError, MergeInterrupted, PlanError, StreamMergeError, memory_error
 from .limits import check_address_space
 from .platform_support import guard_base_files
 
@@ -110,23 +110,23 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _print_plan(plan: Any, disks: Any, warnings: Sequence[str] | None = None, notes: Sequence[str] = (),
-                quiet: bool = False) -> None:
+                quiet: bool = False, refused: str | None = None) -> None:
     """The plan with its totals and, last, its verdict (plan_report); `disks` None: not computed. `quiet`
     (merge --dry-run --quiet): only the warnings, the notes, the totals and the verdict."""
     from .plan_report import report_lines
 
-    for line in report_lines(plan, disks, warnings, notes):
+    for line in report_lines(plan, disks, warnings, notes, refused):
         if not quiet or line.startswith(("warning:", *notes, "totals:", "verdict:")):
             print(line)
 
 
-def _print_json(plan: Any, disks: Any, warnings: Sequence[str] | None = None) -> None:
+def _print_json(plan: Any, disks: Any, warnings: Sequence[str] | None = None, refused: str | None = None) -> None:
     """plan --json: the plan's summary plus its diagnosis, totals and verdict."""
     from .plan_report import diagnosis, totals_line, verdict
 
     shown = list(plan.warnings) if warnings is None else list(warnings)
     summary = {**plan.summary(), "warnings": shown, "diagnosis": diagnosis(plan),
-               "totals": totals_line(plan, disks), "verdict": verdict(plan, disks, len(shown))}
+               "totals": totals_line(plan, disks), "verdict": verdict(plan, disks, len(shown), refused)}
     print(json.dumps(summary, indent=2))
 
 
@@ -168,6 +168,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         except PlanError as exc:
             if exc.plan is not None:  # show the whole plan with its problems, then fail
                 show(exc.plan, None)
+            raise
+        except CompatibilityError as exc:  # --strict
+            if exc.plan is not None:
+                show(exc.plan, None, refused=exc.message)
             raise
     need = planned_need(plan, [s.file for s in plan.shards], base_src.kind == "hub", cfg.prefetch)
     show(plan, [need], held.messages)
@@ -220,9 +224,10 @@ def _dry_run(cfg: Any, quiet: bool) -> int:
     with _HeldWarnings() as held:
         try:
             report = run(cfg)
-        except PlanError as exc:
+        except (PlanError, CompatibilityError) as exc:
             if exc.plan is not None:
-                _print_plan(exc.plan, None, notes=note, quiet=quiet)
+                refused = exc.message if isinstance(exc, CompatibilityError) else None
+                _print_plan(exc.plan, None, notes=note, quiet=quiet, refused=refused)
             raise
         except DiskSpaceError as exc:
             if exc.report is not None:

@@ -82,7 +82,10 @@ class PlanError(StreamMergeError):
 
 
 class CompatibilityError(StreamMergeError):
-    """Adapter and base look like different models (raised only with --strict)."""
+    """Adapter and base look like different models (raised only with --strict). `plan` is the plan that was
+    built, so `stream-merge plan` / `--dry-run` can show it with its verdict."""
+
+    plan: MergePlan | None = None
 
 
 class OutputError(StreamMergeError):

@@ -177,7 +177,18 @@ def parse_state_dict(data: bytes, label: str) -> dict[str, TensorRecord]:
                 f"entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor (a training checkpoint "
                 "rather than a state dict?)", file=label,
                 fix="save only model.state_dict(), or convert the checkpoint to safetensors")
+        if not _well_formed(value):  # BUILD opcodes can rewrite any object's fields after it was made
+            raise CheckpointFormatError("data.pkl describes a tensor with malformed fields", file=label,
+                                        tensor=key, fix=LEGACY_FIX)
     return obj
+
+
+def _well_formed(rec: TensorRecord) -> bool:
+    s = rec.storage
+    ints = (*rec.shape, *rec.stride, rec.offset, s.numel)
+    return (isinstance(s, _Storage) and isinstance(s.key, str) and (s.dtype is None or s.dtype in DTYPE_SIZES)
+            and rec.dtype in DTYPE_SIZES and isinstance(rec.shape, tuple) and isinstance(rec.stride, tuple)
+            and all(type(v) is int and v >= 0 for v in ints))
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -12,10 +12,11 @@ Each output tensor keeps its `source_file`, so an output shard may read several 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 
-from .records import ShardPlan, TensorPlan
+from .records import ShardPlan
 
 SINGLE_NAME = "model.safetensors"
 OUT_METADATA: Mapping[str, str] = {"format": "pt"}  # what transformers' save_pretrained writes
@@ -45,16 +46,26 @@ def split_sizes(sizes: Sequence[int], max_size: int) -> list[list[int]]:
     return shards
 
 
-def header_size(tensors: Sequence[TensorPlan], metadata: Mapping[str, str] | None) -> int:
-    """Bytes of the safetensors header (length prefix included) that `tensors` will get, written the way
-    `safetensors_io.header_bytes` writes one (compact JSON padded to a multiple of 8)."""
-    obj: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+def header_size(shard: ShardPlan) -> int:
+    """Bytes of the safetensors header (length prefix included) that `pipeline.out_header` writes for `shard`
+    (names in the plan's order, offsets in its data order, compact JSON padded to a multiple of 8)."""
+    offsets: dict[str, list[int]] = {}
     pos = 0
-    for t in tensors:
-        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.out_nbytes]}
+    for t in shard.data_order:
+        offsets[t.name] = [pos, pos + t.out_nbytes]
         pos += t.out_nbytes
+    obj: dict[str, object] = {"__metadata__": dict(shard.metadata)} if shard.metadata else {}
+    for t in shard.tensors:
+        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets[t.name]}
     n = len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     return 8 + n + (-n % 8)
+
+
+def with_output_cost(shard: ShardPlan) -> ShardPlan:
+    """`shard` with `in_bytes` set to what producing it costs (its header plus the source bytes it reads), so
+    that "in_bytes - source bytes + output bytes" is its file size; for a shard that is not a safetensors
+    base shard kept as it is."""
+    return dataclasses.replace(shard, in_bytes=header_size(shard) + sum(t.source.nbytes for t in shard.tensors))
 
 
 def reshard(shards: Sequence[ShardPlan], max_size: int) -> tuple[ShardPlan, ...]:
@@ -66,8 +77,6 @@ def reshard(shards: Sequence[ShardPlan], max_size: int) -> tuple[ShardPlan, ...]
     out = []
     for i, group in enumerate(groups, start=1):
         members = tuple(tensors[j] for j in group)
-        # in_bytes: what producing it costs, so that "in_bytes - source bytes + output bytes" is its file size
-        in_bytes = header_size(members, OUT_METADATA) + sum(t.source.nbytes for t in members)
-        out.append(ShardPlan(file=shard_name(i, len(groups)), tensors=members, in_bytes=in_bytes,
-                             header_unchanged=False, metadata=OUT_METADATA))
+        out.append(with_output_cost(ShardPlan(file=shard_name(i, len(groups)), tensors=members, in_bytes=0,
+                                              header_unchanged=False, metadata=OUT_METADATA)))
     return tuple(out)

@@ -133,9 +133,9 @@ def planned_need(plan: MergePlan, files: Sequence[str], hub_base: bool, prefetch
     and for a Hub base the (prefetch + 1) biggest base shards downloaded at once; free space unknown."""
     sizes = output_sizes(plan)
     need = sum(sizes[f] for f in files) + max(sizes.values(), default=0)
-    wanted = set(files)
-    fetched = sum(sorted((s.in_bytes for s in plan.shards if s.file in wanted), reverse=True)[:prefetch + 1]) \
-        if hub_base else 0
+    base_sizes = {h.file: h.size for h in plan.base.shards}
+    inputs = plan.inputs_of(files) if hub_base else []
+    fetched = sum(sorted((base_sizes[f] for f in inputs), reverse=True)[:prefetch + 1])
     return DiskNeed("", need + fetched, fetched)
 
 
@@ -161,9 +161,13 @@ def _disk_text(disks: Sequence[DiskNeed]) -> str:
     return "; ".join(parts)
 
 
-def verdict(plan: MergePlan, disks: Sequence[DiskNeed] | None, warnings: int = 0) -> str:
-    """The last line: OK (with what is merged and the disk), WILL FAIL (the diagnosis or first problem), or not
-    enough disk."""
+def verdict(plan: MergePlan, disks: Sequence[DiskNeed] | None, warnings: int = 0, refused: str | None = None
+            ) -> str:
+    """The last line: OK (with what is merged and the disk), WILL FAIL (the diagnosis or first problem, or
+    `refused`: why a plan without problems is refused, e.g. --strict's compatibility finding), or not enough
+    disk."""
+    if refused and not plan.problems:
+        return f"verdict: WILL FAIL — {refused}"
     if plan.problems:
         diag, n = diagnosis(plan), len(plan.problems)
         if diag:
@@ -187,7 +191,7 @@ def verdict(plan: MergePlan, disks: Sequence[DiskNeed] | None, warnings: int = 0
 
 
 def report_lines(plan: MergePlan, disks: Sequence[DiskNeed] | None, warnings: Sequence[str] | None = None,
-                 notes: Sequence[str] = ()) -> list[str]:
+                 notes: Sequence[str] = (), refused: str | None = None) -> list[str]:
     """The whole plan as text (what `stream-merge plan` and `merge --dry-run` print): the tables, the
     warnings (`warnings`, else the plan's own), the problems, `notes`, the totals and, last, the verdict."""
     s: dict[str, Any] = plan.summary()
@@ -204,5 +208,5 @@ def report_lines(plan: MergePlan, disks: Sequence[DiskNeed] | None, warnings: Se
     lines += [f"warning: {w}" for w in warnings]
     shown = problem_lines(plan.problems, plan)
     lines += [line if line.startswith(("diagnosis:", "... and")) else f"problem: {line}" for line in shown]
-    lines += ["", *notes, totals_line(plan, disks), verdict(plan, disks, len(warnings))]
+    lines += ["", *notes, totals_line(plan, disks), verdict(plan, disks, len(warnings), refused)]
     return lines

@@ -17,7 +17,7 @@ from .model_config import config_value
 from .patterns import ModuleSelection, PatternTimeout, compile_patterns
 from .plan_dtype import dtype_updates, out_dtype
 from .plan_fp8 import DROP, fp8_tensor_plan, is_fp8_scale, read_quantization
-from .plan_layout import OUT_METADATA, reshard
+from .plan_layout import OUT_METADATA, reshard, with_output_cost
 from .plan_modules import plan_module
 from .plan_params import plan_param
 from .plan_state import PlanOptions, PlanState
@@ -231,11 +231,13 @@ def _base_shard_plan(h: ShardHeader, tensor_plans: Sequence[TensorPlan]) -> Shar
     """The output shard of the base's own layout: base shard `h` under its own name (a PyTorch `.bin` under
     the safetensors name transformers gives it), tensors in its order."""
     tensors = tuple(dataclasses.replace(p, source_file=h.file) for p in tensor_plans)
-    return ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size,
+    plan = ShardPlan(file=h.output_name, tensors=tensors, in_bytes=h.size,
                      metadata=h.metadata if h.safetensors else OUT_METADATA,
                      header_unchanged=h.safetensors and len(tensors) == len(h.tensors) and all(
                          (p.name, p.shape, p.dtype) == (p.source.name, p.source.shape, p.source.dtype)
                          for p in tensors))
+    # a .bin shard's output costs its safetensors header and the tensors it reads, not the zip's size
+    return plan if h.safetensors else with_output_cost(plan)
 
 
 def _check_resized_vocab(state: PlanState, vocab: int | None) -> None:

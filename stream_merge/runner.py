@@ -119,7 +119,9 @@ def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[
     if plan.problems:
         raise PlanError(plan.problems, plan=plan)
     if findings and cfg.strict:
-        raise CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
+        error = CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
+        error.plan = plan
+        raise error
     for w in list(plan.warnings) + findings:
         log.warning("%s", w)
     return plan, base_src, adapter_srcs, findings

@@ -116,7 +116,10 @@ def test_hostile_pickle_is_refused_without_running_it(tmp_path: Path, monkeypatc
     with pytest.raises(CheckpointFormatError, match=r"calls (posix|os)\.system") as err:
         read_pickle_file(evil, evil.name)
     assert "pytorch_model.bin" in err.value.one_line()
-    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / "adapter").mkdir()
+    r = run_cli("merge", tmp_path, tmp_path / "adapter", "-o", tmp_path / "out", "--allow-pickle")
+    assert r.returncode == 2 and "system" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("what", ["big-endian", "compressed", "short storage", "no data.pkl", "training checkpoint"])
@@ -175,6 +178,7 @@ def make_bin_base(folder: Path, shards: int = 1, tie: bool = False) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     _randomize(model, 0)
     model = model.to(torch.bfloat16).eval()
+    model.config.dtype = torch.bfloat16  # what save_pretrained records: from_pretrained(dtype="auto") reads it
     folder.mkdir(parents=True)
     model.config.save_pretrained(folder)
     GenerationConfig.from_model_config(model.config).save_pretrained(folder)
@@ -275,3 +279,149 @@ def test_shards_that_would_share_an_output_name_are_refused(tmp_path: Path) -> N
     (folder / PICKLE_INDEX).write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin", "b": "model-1.bin"}}))
     with pytest.raises(CheckpointFormatError, match="model-1.safetensors"):
         read_index(folder, allow_pickle=True)
+
+
+def _merge(base: Path, adapter: Path, out: Path, *extra: object) -> None:
+    r = run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--quiet", "--allow-pickle", *extra)
+    assert r.returncode == 0, r.stderr
+
+
+def _out_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin") or "index" in p.name)
+
+
+@pytest.mark.parametrize("shard_bytes", [6000, 10**9], ids=["sharded", "single"])
+def test_a_bin_base_merges_like_its_safetensors_twin(tmp_path: Path, shard_bytes: int) -> None:
+    from oracle import assert_bitwise_equal, load_folder_tensors
+
+    base, adapter = make_pair(tmp_path, shard_bytes=shard_bytes)
+    pbase = bin_copy(base, tmp_path / "pbase")
+    _merge(base, adapter, tmp_path / "ref")
+    _merge(pbase, adapter, tmp_path / "out")
+    assert _out_files(tmp_path / "out") == _out_files(tmp_path / "ref")  # transformers' safetensors names
+    assert "pytorch_model.bin.index.json" not in _out_files(tmp_path / "out")
+    assert_bitwise_equal(load_folder_tensors(tmp_path / "out"), load_folder_tensors(tmp_path / "ref"))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index == json.loads((tmp_path / "ref" / "model.safetensors.index.json").read_text())
+    assert run_cli("verify", tmp_path / "out", "--full").returncode == 0
+
+
+@pytest.mark.parametrize("shards,tie", [(1, False), (3, False), (3, True)], ids=["single", "sharded", "tied"])
+def test_bin_base_matches_peft_and_transformers(tmp_path: Path, shards: int, tie: bool) -> None:
+    """transformers loads the .bin base, PEFT merges, save_pretrained writes safetensors: same names, same
+    bytes, same logits. A tied base keeps one tensor for the tie (transformers drops lm_head.weight)."""
+    from oracle import _load_merged_model, assert_bitwise_equal, load_folder_tensors, logits, make_adapter
+
+    base = make_bin_base(tmp_path / "base", shards=shards, tie=tie)
+    targets = ["q_proj", "v_proj", "down_proj"] + ([] if tie else ["embed_tokens", "lm_head"])
+    adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=12, target_modules=targets)
+    oracle = tmp_path / "oracle"
+    _load_merged_model(base, adapter, "auto", None).save_pretrained(oracle)
+    out = tmp_path / "out"
+    _merge(base, adapter, out)
+    got, want = load_folder_tensors(out), load_folder_tensors(oracle)
+    assert got.keys() == want.keys() and ("lm_head.weight" in got) != tie
+    assert_bitwise_equal(got, want)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(out, ids), logits(oracle, ids))
+    expected = ["model.safetensors"] if shards == 1 else [f"model-{i:05d}-of-{shards:05d}.safetensors"
+                                                          for i in range(1, shards + 1)]
+    assert [n for n in _out_files(out) if n.endswith(".safetensors")] == expected
+
+
+def test_an_interrupted_bin_merge_resumes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from oracle import assert_bitwise_equal, load_folder_tensors
+    from stream_merge.journal import SHARDS_DIR
+    from stream_merge.synthetic import LlamaShape
+
+    shape = LlamaShape(hidden=256, intermediate=768, layers=6, vocab=1024, heads=8, kv_heads=4)
+    base, adapter = make_pair(tmp_path, shape=shape, shard_bytes=1_500_000)
+    pbase = bin_copy(base, tmp_path / "pbase")
+    _merge(base, adapter, tmp_path / "ref")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "stream_merge", "merge", str(pbase), str(adapter), "-o", str(out), "--device",
+            "cpu", "--quiet", "--allow-pickle", "--block-size-mb", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def recorded() -> bool:  # a shard is published and its journal record written (not its temp file)
+        return any(not p.name.startswith(".") for p in (out / SHARDS_DIR).glob("*.json"))
+
+    while proc.poll() is None and not recorded():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed after its first shard, before the last
+    assert not (out / "model.safetensors.index.json").exists()
+    r = run_cli("merge", pbase, adapter, "-o", out, "--device", "cpu", "--allow-pickle")
+    assert r.returncode == 0, r.stderr
+    assert "resumed)" in r.stdout and "(0 resumed)" not in r.stdout, r.stdout
+    assert_bitwise_equal(load_folder_tensors(out), load_folder_tensors(tmp_path / "ref"))
+
+
+@pytest.mark.hub
+def test_a_hub_base_of_bin_shards_merges(tmp_path: Path, hub) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from hub_server import hub_env
+
+    base, adapter = make_pair(tmp_path, shard_bytes=6000)
+    pbase = bin_copy(base, tmp_path / "pbase")
+    _merge(pbase, adapter, tmp_path / "ref")  # the same .bin base, local
+    hub.add_commit("org/lora", {p.name: p for p in adapter.iterdir()})
+    hub.add_commit("org/base", {p.name: p for p in pbase.iterdir()})
+    out = tmp_path / "out"
+
+    def cli(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stream_merge", *map(str, args)], capture_output=True,
+                              text=True, env=hub_env(hub, tmp_path / "hf"), cwd=tmp_path, timeout=300)
+
+    refused = cli("merge", "org/base", "org/lora", "-o", out, "--device", "cpu")
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr and not out.exists(), refused.stderr
+    assert not [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith(".bin")]
+    r = cli("merge", "org/base", "org/lora", "-o", out, "--device", "cpu", "--quiet", "--allow-pickle")
+    assert r.returncode == 0, r.stderr
+    assert _out_files(out) == _out_files(tmp_path / "ref")
+    for name in _out_files(out):
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    # headers were read by range requests before any .bin was downloaded whole
+    gets = [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith(".bin")]
+    first_full = next(i for i, q in enumerate(gets) if q.range is None)
+    assert all(q.range is not None for q in gets[:first_full]) and first_full >= len(list(pbase.glob("*.bin")))
+
+
+@pytest.mark.slow
+def test_memcheck_pickle_tiny(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "mem.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "memcheck.py"
+    p = subprocess.run([sys.executable, str(script), "--pickle", "--size", "8MB", "--shard-size", "3MB", "--hidden",
+                        "128", "--intermediate", "344", "--vocab", "512", "--workdir", tmp_path / "work", "--json",
+                        out], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr + p.stdout
+    run = json.loads(out.read_text())["runs"]["S,M"]
+    assert run["format"] == "pickle (.bin)" and "--allow-pickle" in run["command"]
+    assert 0 < run["largest_shard_bytes"] <= 3_000_000 < run["base_bytes"] and run["peak_rss_mib"] > 0
+
+
+def test_a_pickle_that_rewrites_a_tensor_record_is_refused(tmp_path: Path) -> None:
+    """BUILD can set fields of any object the pickle made, bypassing frozen dataclasses: checked after loading."""
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.ones(2)}, good)
+    with zipfile.ZipFile(good) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    import pickletools
+
+    # after the last REDUCE (the one that builds the tensor record): {"offset": "xx"} BUILD
+    at = max(pos for op, _, pos in pickletools.genops(pkl) if op.name == "REDUCE")
+    evil_pkl = pkl[:at + 1] + b"}" + pickle.dumps("offset", 2)[2:-1] + pickle.dumps("xx", 2)[2:-1] + b"sb" + pkl[at + 1:]
+    evil = tmp_path / "pytorch_model.bin"
+    _rewrite(good, evil, lambda n, d: (evil_pkl if n.endswith("data.pkl") else d, zipfile.ZIP_STORED))
+    with pytest.raises(CheckpointFormatError, match="malformed") as err:
+        read_pickle_file(evil, evil.name)
+    assert "tensor 'w'" in err.value.one_line() or "'w'" in err.value.one_line(), err.value.one_line()

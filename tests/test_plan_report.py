@@ -23,6 +23,13 @@ WIDE = LlamaShape(hidden=64, intermediate=48, layers=2, vocab=64, heads=4, kv_he
 DEEP = LlamaShape(hidden=32, intermediate=48, layers=4, vocab=64, heads=4, kv_heads=2)
 
 
+@pytest.fixture(autouse=True)
+def _no_env_leak(monkeypatch) -> None:
+    """cli.main in-process sets HF_HUB_DISABLE_PROGRESS_BARS when stderr is no terminal; later tests of the
+    same process (huggingface_hub's bars, tests/test_progress.py) must not inherit it."""
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+
+
 def _main(capsys, *argv: object) -> tuple[int, list[str], str]:
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -71,7 +78,7 @@ def test_plan_need_of_a_hub_base_adds_the_downloaded_shards(pair: tuple[Path, Pa
     local, hub = planned_need(plan, files, False, 1), planned_need(plan, files, True, 1)
     sizes = output_sizes(plan)
     assert local.need == sum(sizes.values()) + max(sizes.values()) and local.downloads == 0
-    two = sorted((s.in_bytes for s in plan.shards), reverse=True)[:2]
+    two = sorted((h.size for h in plan.base.shards), reverse=True)[:2]
     assert hub.downloads == sum(two) and hub.need == local.need + sum(two)
 
 
@@ -237,7 +244,7 @@ def test_dry_run_of_a_hub_base_counts_the_download_area(hub, pair: tuple[Path, P
     base, adapter = pair
     hub.add_commit("org/base", {p.name: p for p in base.iterdir()})
     plan = stream_merge.plan(str(base), str(adapter))
-    sizes = sorted((s.in_bytes for s in plan.shards), reverse=True)
+    sizes = sorted((h.size for h in plan.base.shards), reverse=True)
     out = tmp_path / "out"
     code = ("import json, sys, stream_merge\n"
             "r = stream_merge.merge('org/base', sys.argv[1], sys.argv[2], dry_run=True, **json.loads(sys.argv[3]))\n"
@@ -257,3 +264,35 @@ def test_dry_run_of_a_hub_base_counts_the_download_area(hub, pair: tuple[Path, P
     assert "base shards downloaded at once" in totals and r.stdout.splitlines()[-1].startswith("verdict: OK")
     reads = [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith(".safetensors")]
     assert reads and all(q.range is not None for q in reads) and not out.exists()  # headers only
+
+
+def test_strict_refusal_is_the_verdict(pair: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    base, adapter = pair
+    config = json.loads((base / "config.json").read_text())
+    (adapter / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 9}))
+    want = f"verdict: WILL FAIL — adapter {adapter} was trained on another model than BASE: num_hidden_layers 9"
+    for argv in (["plan", base, adapter, "--strict"],
+                 ["merge", base, adapter, "-o", tmp_path / "out", "--dry-run", "--strict"]):
+        code, lines, err = _main(capsys, *argv)
+        assert code == 2 and lines[-1].startswith(want), lines[-3:]
+        assert err.startswith("error: adapter ") and err.count("\n") == 1 and "drop --strict" in err, err
+        assert not (tmp_path / "out").exists()
+    code, lines, _ = _main(capsys, "plan", base, adapter, "--strict", "--json")
+    assert code == 2 and json.loads("\n".join(lines))["verdict"].startswith(want)
+
+
+def test_dry_run_with_max_shard_size_counts_the_output_shards(pair: tuple[Path, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    base, adapter = pair
+    out = tmp_path / "out"
+    report = stream_merge.merge(str(base), str(adapter), str(out), dry_run=True, max_shard_size="16KB")
+    n = len(report.plan.shards)
+    assert 1 < n < len(report.plan.base.shards)  # joined into fewer, bigger output shards
+    sizes = output_sizes(report.plan)
+    files = {p.name for p in base.glob("*.safetensors")}
+    assert not files & set(sizes)
+    assert report.disk[0].need == sum(sizes.values()) + max(sizes.values())
+    code, lines, err = _main(capsys, "merge", base, adapter, "-o", out, "--dry-run", "--max-shard-size", "16KB")
+    assert code == 0, err
+    assert lines[-2].startswith(f"totals: {n} shards, ") and lines[-1].startswith("verdict: OK — 1 adapter")
+    assert not out.exists()

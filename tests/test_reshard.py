@@ -371,3 +371,30 @@ def test_memcheck_measures_a_resharded_merge(tmp_path: Path) -> None:
     run = json.loads(out.read_text())["runs"]["S,M"]
     assert "--max-shard-size 1MB" in run["command"] and run["out_shards"] > run["shards"]
     assert 0 < run["peak_rss_mib"] < 700 and "re-sharded into" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------- pickle bases
+
+
+def test_a_pickle_base_is_written_under_safetensors_names(tmp_path: Path) -> None:
+    """A `pytorch_model.bin` base: its output is `model.safetensors` (transformers' name), equal to the merge
+    of the same weights saved as safetensors; with --max-shard-size the same layout as that merge's."""
+    from conftest import folder_tensors
+    from safetensors.torch import load_file
+
+    base, adapter = make_pair(tmp_path, shard_bytes=6000)
+    binbase = tmp_path / "binbase"
+    binbase.mkdir()
+    index = json.loads((base / INDEX).read_text())
+    shards = {f: load_file(str(base / f)) for f in sorted(set(index["weight_map"].values()))}
+    state = {k: shards[f][k] for f in shards for k in header_names(base / f)}  # base order
+    torch.save(state, binbase / "pytorch_model.bin")
+    (binbase / "config.json").write_bytes((base / "config.json").read_bytes())
+    for extra in ((), ("--max-shard-size", "10KB")):
+        ref, out = tmp_path / f"ref{len(extra)}", tmp_path / f"out{len(extra)}"
+        merge(base, adapter, ref, *extra)
+        merge(binbase, adapter, out, "--allow-pickle", *extra)
+        names = sorted(p.name for p in out.glob("*.safetensors"))
+        assert names == (["model.safetensors"] if not extra else sorted(p.name for p in ref.glob("*.safetensors")))
+        assert_bitwise_equal(folder_tensors(out), folder_tensors(ref))
+        assert run_cli("verify", out, "--full").returncode == 0
