@@ -247,11 +247,25 @@ def prepare_journal(out: Path, plan: MergePlan, fp: str, inputs: dict[str, Any],
             return new, False
         journal = load_journal(out)  # another --worker may have claimed OUT since we looked
         if journal is None:
-            raise _refuse_foreign(out, names, "use an empty or new folder (or --fresh to replace an earlier "
-                                              "merge of stream-merge)")
+            raise _refuse_foreign(out, names, NOT_OURS_FIX)
     check_same_merge(journal, fp, inputs, options, out)
     journal.inputs = inputs  # the current identity (a copied base that still matches by sha256)
     return journal, from_record
+
+
+NOT_OURS_FIX = "use an empty or new folder (or --fresh to replace an earlier merge of stream-merge)"
+
+
+def check_resumable(out: Path, fp: str, inputs: dict[str, Any], options: dict[str, Any]) -> None:
+    """What `prepare_journal` (without --fresh) would refuse, checked without writing anything: a dry run's
+    answer for an OUT that holds another merge, changed inputs or files that are not ours."""
+    journal, _ = load_journal_or_record(out)
+    if journal is None:
+        names = foreign_files(out)
+        if names:
+            raise _refuse_foreign(out, names, NOT_OURS_FIX)
+        return
+    check_same_merge(journal, fp, inputs, options, out)
 
 
 # ---------------------------------------------------------------------------------------------- finished shards

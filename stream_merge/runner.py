@@ -36,7 +36,7 @@ from .planner import PlanOptions, build_plan
 from .platform_support import check_platform, peak_rss_bytes
 from .progress import Progress, watch_downloads, watch_uploads
 from .records import MergePlan, MergeReport, ShardResult
-from .resume import (check_same_merge, fingerprint, inputs_record, journal_result, load_journal_or_record,
+from .resume import (check_resumable, check_same_merge, fingerprint, inputs_record, journal_result, load_journal_or_record,
                      pending_shards, prepare_journal, read_record, shard_done)
 from .shard_loop import merge_shards
 from .sources import DOWNLOADS_DIR, Source, resolve_source
@@ -303,7 +303,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
         check_platform()
     plan, base_src, adapter_srcs, findings = plan_merge(cfg)
     if cfg.dry_run or cfg.output is None:
-        return _dry_run(cfg, plan, base_src, t0)
+        return _dry_run(cfg, plan, base_src, adapter_srcs, t0)
     job, complete, pending = None, False, []
     try:
         job = _start(cfg, plan, base_src, adapter_srcs, findings)
@@ -327,10 +327,17 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
                        peak_rss_bytes=peak_rss_bytes(), resumed_shards=len(job.done), pending=tuple(pending))
 
 
-def _dry_run(cfg: MergeConfig, plan: MergePlan, base_src: Source, t0: float) -> MergeReport:
-    """The report of a merge that only plans: with OUT, the disk check too (DiskSpaceError, carrying this
-    report, when a disk is short); nothing is written."""
+def _dry_run(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: list[Source],
+             t0: float) -> MergeReport:
+    """The report of a merge that only plans: with OUT, what the merge would refuse there (another merge,
+    changed inputs, files not ours) and the disk check (DiskSpaceError, carrying this report, when a disk is
+    short); nothing is written."""
     out = Path(cfg.output).expanduser() if cfg.output else None
+    if out is not None and out.is_dir() and not cfg.fresh:
+        kind = (_resume_device(out) if cfg.device == "auto" else None) or resolve_device(cfg.device)
+        inputs = inputs_record(base_src, adapter_srcs, plan, checksums=False)  # a changed mtime hashes then
+        check_resumable(out, fingerprint(plan, inputs, fingerprint_options(cfg, kind.type)), inputs,
+                        recorded_options(cfg, kind.type))
     disks = planned_disks(plan, base_src, out, _partition(cfg, plan), cfg.prefetch, cfg.local_copy, cfg.fresh)
     report = MergeReport(output=cfg.output or "", plan=plan, shards=(), seconds=time.perf_counter() - t0,
                          peak_rss_bytes=peak_rss_bytes(), dry_run=True, disk=tuple(disks))

@@ -14,7 +14,7 @@ from conftest import edit_json, make_pair, rewrite_adapter, run_cli
 
 import stream_merge
 from stream_merge import cli
-from stream_merge.errors import DiskSpaceError, HubError, InputError
+from stream_merge.errors import DiskSpaceError, HubError, InputError, OutputError
 from stream_merge.plan_report import (PROBLEM_CAP, DiskNeed, capped, diagnosis, output_sizes, planned_need,
                                       report_lines, verdict)
 from stream_merge.synthetic import LlamaShape
@@ -133,6 +133,29 @@ def test_dry_run_counts_only_what_is_left_to_write(pair: tuple[Path, Path], tmp_
 
     biggest = max(sizes.values())
     assert pushed.disk[0].need == min(sum(sizes.values()) + biggest, (MAX_PENDING + 2) * biggest)
+
+
+def test_dry_run_refuses_what_the_merge_would_refuse_in_out(pair: tuple[Path, Path], tmp_path: Path,
+                                                           capsys) -> None:
+    """A dry run into an OUT that holds another merge (or files that are not ours) answers as the merge would:
+    exit 2 naming OUT and the fix, not an OK verdict that counts someone else's shards as finished."""
+    base, adapter = pair
+    out = tmp_path / "out"
+    stream_merge.merge(str(base), str(adapter), str(out), device="cpu")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(OutputError, match="holds a merge of other inputs or options") as info:
+        stream_merge.merge(str(base), str(adapter), str(out), dry_run=True, weights=[0.5])
+    assert info.value.file == str(out) and "--fresh" in info.value.fix
+    code, _, err = _main(capsys, "merge", base, adapter, "-o", out, "--dry-run", "--weights", "0.5")
+    assert code == 2 and "holds a merge of other inputs or options" in err
+    assert stream_merge.merge(str(base), str(adapter), str(out), dry_run=True, weights=[0.5], fresh=True).dry_run
+    assert stream_merge.merge(str(base), str(adapter), str(out), dry_run=True).dry_run  # the same merge: fine
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before  # nothing written
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        stream_merge.merge(str(base), str(adapter), str(foreign), dry_run=True)
 
 
 def test_an_adapter_of_a_wider_model_gets_one_diagnosis_line(tmp_path: Path, capsys) -> None:
