@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, interrupts
 from .errors import CompatibilityError, MergeInterrupted, PlanError, StreamMergeError, memory_error
 from .limits import check_address_space
 from .platform_support import guard_base_files
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
-    old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    restore_signals = interrupts.install()
     old_io = guard_base_files() if args.command in ("merge", "verify", "finalize") else None
     try:
         check_address_space()  # before torch is imported: below this, loading it aborts the process
@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "report it)", file=sys.stderr)
         return 3
     finally:
-        signal.signal(signal.SIGTERM, old)
+        restore_signals()
         if old_io is not None:  # an in-process caller gets its own SIGIO handling back
             signal.signal(signal.SIGIO, old_io)
         if bars_env is None:  # ... and its environment

@@ -12,6 +12,7 @@ from typing import Any
 from .adapter import AdapterReader
 from .errors import MergeInterrupted
 from .fileio import AtomicFile
+from .interrupts import check as check_interrupt
 from .journal import Journal
 from .progress import Progress, progress_callback
 from .records import MergePlan, ShardPlan, ShardResult
@@ -104,6 +105,7 @@ def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, don
                 continue
             if shard.file not in wanted:
                 continue
+            check_interrupt()  # one Python may have dropped (`interrupts`)
             pos = todo.index(shard)
             for ahead in todo[pos:pos + 1 + prefetch]:  # this shard's inputs first, then up to `prefetch` more
                 for file in ahead.inputs:
@@ -113,6 +115,7 @@ def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, don
             committer.submit(handed, res, release.get(shard.file, ()))
             results.append(res)
         committer.wait()
+        check_interrupt()
     except KeyboardInterrupt:
         raise MergeInterrupted("interrupted; finished shards are kept", file=str(out),
                                fix="re-run the same command to resume") from None

@@ -20,6 +20,7 @@ from .pipeline import Chunk, out_header, shard_chunks, shard_jobs
 from .recipes import Recipe, cannot_overflow, choose_recipe
 from .records import ShardPlan, ShardResult
 from .fileio import AtomicFile
+from .interrupts import check as check_interrupt
 from .safetensors_io import ShardReader
 from .shard_inputs import Readers
 from .shard_rows import OtherShards
@@ -67,7 +68,14 @@ class _Writer:
                     raise RuntimeError("the shard writer thread ended unexpectedly") from None
 
     def submit(self, buf: bytearray | memoryview, n: int) -> None:
-        """Queue a buffer for writing (blocks while `bound` buffers wait); raises the writer's error, if any."""
+        """Queue a buffer for writing (blocks while `bound` buffers wait); raises the writer's error, if any,
+        and an interrupt that Python may have dropped (`interrupts`)."""
+        if self.error is None:
+            try:
+                check_interrupt()
+            except KeyboardInterrupt:
+                self.pool.put(buf)
+                raise
         if self.error is not None:
             self.pool.put(buf)
             raise self.error
