@@ -540,6 +540,7 @@ for i in range(trials):
     d = root / f"t{i}"
     d.mkdir()
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         # as in `python -m stream_merge`: SIGINT raises KeyboardInterrupt, and cli.main maps SIGTERM onto it
@@ -547,7 +548,7 @@ for i in range(trials):
         os.write(w, b"go")
         try:
             k = 0
-            while True:
+            while os.getppid() == parent:  # never outlive a loop killed by a timeout (an orphan fsyncing for ever)
                 with AtomicFile(d / f"model-{k % 3}.safetensors") as f:
                     f.write(b"x" * 4096)
                     f.commit()
