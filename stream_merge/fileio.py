@@ -149,9 +149,8 @@ def file_note(path: Path, key: str) -> bytes | None:
         return None
 
 
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024, on_bytes: Callable[[int], None] | None = None) -> str:
-    """sha256 of a file, read in chunks into one reused buffer; `on_bytes(n)` after each chunk (progress)."""
-    h = hashlib.sha256()
+def _file_hash(path: Path, h: Any, chunk: int, on_bytes: Callable[[int], None] | None) -> str:
+    """Feed a file to hasher `h`, read in chunks into one reused buffer; `on_bytes(n)` after each chunk."""
     buf = bytearray(chunk)
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
@@ -160,20 +159,17 @@ def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024, on_bytes: Callable[[i
             if on_bytes is not None:
                 on_bytes(n)
     return h.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024, on_bytes: Callable[[int], None] | None = None) -> str:
+    """sha256 of a file; `on_bytes(n)` after each chunk read (progress)."""
+    return _file_hash(path, hashlib.sha256(), chunk, on_bytes)
 
 
 def file_xxh3_128(path: Path, chunk: int = 16 * 1024 * 1024, on_bytes: Callable[[int], None] | None = None) -> str:
-    """XXH3-128 of a file (hex), as `file_sha256` reads it: the digest every output shard records, ten times
-    cheaper than sha256, so a merge pays next to nothing for it."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(chunk)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(mv):
-            h.update(mv[:n])
-            if on_bytes is not None:
-                on_bytes(n)
-    return h.hexdigest()
+    """XXH3-128 of a file (hex): the digest every output shard records, ten times cheaper than sha256, so a
+    merge pays next to nothing for it."""
+    return _file_hash(path, xxhash.xxh3_128(), chunk, on_bytes)
 
 
 def recorded_digest(entry: dict[str, Any]) -> tuple[str, str] | None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants  # noqa: F401 - before any in-process cli.main: read HF_HUB_DISABLE_PROGRESS_BARS once, at import
+import huggingface_hub.constants  # noqa: F401 - read HF_HUB_DISABLE_PROGRESS_BARS once, before any in-process main
 import pytest
 import torch
 
@@ -75,3 +75,27 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+@pytest.fixture
+def pusher_env(hub, monkeypatch):  # type: ignore[no-untyped-def]
+    """huggingface_hub pointed at the test server in this process (its constants are read at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return hub
+
+
+def forget_digests(out: Path, files: set[str] | None = None) -> None:
+    """Make OUT's record look like one of a merge that recorded no output digest (older versions), for the
+    shards in `files` or every shard."""
+    record = json.loads((out / "stream_merge.json").read_text())
+    for e in record["shards"]:
+        if files is None or e["file"] in files:
+            e["sha256"] = None
+            e.pop("xxh3_128", None)  # older versions did not know the field
+    (out / "stream_merge.json").write_text(json.dumps(record))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import rewrite_adapter
+from conftest import forget_digests, rewrite_adapter
 from zygote import Zygote
 from stream_merge.synthetic import LlamaShape, write_adapter, write_checkpoint
 
@@ -498,13 +498,6 @@ def _flip(path: Path, at: int = -2) -> None:
     path.write_bytes(bytes(data))
 
 
-def _forget_digests(out: Path) -> None:
-    """Make OUT's record look like one of a merge that recorded no output digest (older versions)."""
-    record = json.loads((out / "stream_merge.json").read_text())
-    for e in record["shards"]:
-        e["sha256"] = None
-        e.pop("xxh3_128", None)  # older versions did not know the field
-    (out / "stream_merge.json").write_text(json.dumps(record))
 
 
 def test_verify_reads_a_hub_base_through_the_source(hub, model, tmp_path):
@@ -519,7 +512,7 @@ def test_verify_reads_a_hub_base_through_the_source(hub, model, tmp_path):
     r = cli(hub, hf, "verify", out)
     assert r.returncode == 0 and f"ok: {len(shards)} shards match the record\n" in r.stdout, r.stdout
     assert not hub.requests(path_contains="org/base")  # not even the small files
-    _forget_digests(out)
+    forget_digests(out)
     r = cli(hub, hf, "verify", out)
     assert r.returncode == 0, r.stderr
     assert "cannot open" not in r.stderr and "ok: 0 of" not in r.stdout
@@ -547,7 +540,7 @@ def test_quick_verify_recomputes_from_the_hf_cache_and_respects_the_device(hub, 
     out, hf = tmp_path / "out", tmp_path / "hf"
     assert merge(hub, hf, out, "--keep-downloads").returncode == 0
     shards = model["shards"]
-    _forget_digests(out)  # an older merge: only recomputing checks its shards
+    forget_digests(out)  # an older merge: only recomputing checks its shards
     hub.clear_log()
     r = cli(hub, hf, "verify", out)
     assert r.returncode == 0 and f"{len(shards)} recomputed" in r.stdout and "not checked" not in r.stdout

@@ -121,16 +121,6 @@ def test_hashed_add_takes_the_known_digest_without_reading_the_file(tmp_path: Pa
     assert op.sent_sha256() == SHA
 
 
-@pytest.fixture
-def pusher_env(hub, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return hub
 
 
 def test_pusher_uploads_a_shard_without_hashing_it_first(pusher_env, tmp_path: Path, monkeypatch) -> None:

@@ -16,7 +16,7 @@ import torch
 import xxhash
 
 import stream_merge
-from conftest import make_pair, run_cli
+from conftest import forget_digests, make_pair, run_cli
 from stream_merge import direct_io
 from stream_merge.adapter import AdapterReader
 from stream_merge.direct_io import ALIGN, FileSink
@@ -189,13 +189,6 @@ def test_output_xxh3_128_is_always_recorded_and_checksums_adds_sha256s(pair: tup
         assert f["sha256"] == hashlib.sha256((base / name).read_bytes()).hexdigest()
 
 
-def _forget_digests(out: Path) -> None:
-    """Make OUT's record look like one of a merge that recorded no output digest (older versions)."""
-    record = json.loads((out / "stream_merge.json").read_text())
-    for e in record["shards"]:
-        e["sha256"] = None
-        e.pop("xxh3_128", None)  # older versions did not know the field
-    (out / "stream_merge.json").write_text(json.dumps(record))
 
 
 def _flip(path: Path) -> None:
@@ -209,7 +202,7 @@ def test_verify_without_checksums_recomputes_or_says_what_it_could_not_check(tmp
     plain, summed = tmp_path / "plain", tmp_path / "summed"
     assert run_cli("merge", base, adapter, "-o", plain, "--quiet").returncode == 0
     assert run_cli("merge", base, adapter, "-o", summed, "--quiet", "--checksums").returncode == 0
-    _forget_digests(plain)
+    forget_digests(plain)
     ok = run_cli("verify", plain)
     assert ok.returncode == 0 and "recomputed" in ok.stdout and "note:" not in ok.stdout
     shard = sorted(plain.glob("*.safetensors"))[0]
@@ -235,7 +228,7 @@ def test_resume_redoes_a_finished_shard_that_was_changed_since(pair: tuple[Path,
     for digests in (False, True):  # an older merge's record first; the shards it redoes get an xxh3_128
         (out / "model.safetensors.index.json").unlink()  # "unfinished": the next run resumes
         if not digests:
-            _forget_digests(out)  # as an older merge left it
+            forget_digests(out)  # as an older merge left it
         _flip(out / shards[0])  # same size, new mtime: redone
         os.utime(out / shards[1], ns=(0, 0))  # only the mtime changed: kept when its digest still matches,
         r = run_cli("merge", base, adapter, "-o", out)  # redone without one (nothing proves it unchanged)

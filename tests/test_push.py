@@ -26,16 +26,6 @@ def test_git_blob_sha1_matches_git(tmp_path: Path) -> None:
     assert out.stdout.strip() == git_blob_sha1(data)
 
 
-@pytest.fixture
-def pusher_env(hub, tmp_path, monkeypatch):
-    """huggingface_hub pointed at the test server in this process (its constants are read at import)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return hub
 
 
 def test_finish_uploads_only_changed_small_files_with_the_index_last(pusher_env, tmp_path: Path) -> None:

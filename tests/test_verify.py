@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from conftest import make_pair, run_cli
+from conftest import forget_digests, make_pair, run_cli
 from stream_merge.errors import InputError
 from stream_merge.verify import VerifyReport, recorded_device_kind, verify
 
@@ -49,15 +49,6 @@ def _edit_record(out: Path, change) -> None:  # type: ignore[no-untyped-def]
     (out / RECORD).write_text(json.dumps(record))
 
 
-def _forget_digests(out: Path, files: set[str] | None = None) -> None:
-    """Make OUT's record look like one of a merge that recorded no digest (for `files`, or every shard)."""
-    def forget(record: dict) -> None:
-        for e in record["shards"]:
-            if files is None or e["file"] in files:
-                e["sha256"] = None
-                e.pop("xxh3_128", None)  # older versions did not know the field
-
-    _edit_record(out, forget)
 
 
 def _flip(path: Path, at: int = -2) -> None:
@@ -92,7 +83,7 @@ def test_a_fifo_in_place_of_a_shard_is_reported_not_opened(merged) -> None:  # t
 
 def test_a_merge_recorded_on_cuda_is_not_comparable_without_checksums(merged) -> None:  # type: ignore[no-untyped-def]
     _, _, out = merged
-    _forget_digests(out)
+    forget_digests(out)
     _edit_record(out, lambda rec: rec.setdefault("options", {}).update(device="cuda:0"))
     assert recorded_device_kind(json.loads((out / RECORD).read_text())) == "cuda"
     shard = sorted(out.glob("*.safetensors"))[0]
@@ -201,7 +192,7 @@ def test_full_still_recomputes_and_names_the_tensor(merged) -> None:  # type: ig
 def test_a_shard_without_a_digest_is_recomputed_and_the_summary_says_so(merged) -> None:  # type: ignore[no-untyped-def]
     base, _, out = merged
     shards = sorted(out.glob("*.safetensors"))
-    _forget_digests(out, {shards[0].name})  # as a merge made before digests were always recorded
+    forget_digests(out, {shards[0].name})  # as a merge made before digests were always recorded
     r = run_cli("verify", out)
     assert r.returncode == 0 and f"ok: {len(shards)} shards match the record, 1 recomputed" in r.stdout, r.stdout
     assert f"recomputed: 1 shard(s) have no recorded sha256 ({shards[0].name}; merged by an older" in r.stdout
@@ -232,7 +223,7 @@ def test_a_resumed_merge_records_every_shards_digest(merged) -> None:  # type: i
 def test_a_resumed_older_merge_keeps_a_shard_without_digest_verifiable(merged) -> None:  # type: ignore[no-untyped-def]
     base, adapter, out = merged
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    _forget_digests(out, {shards[0]})  # finished by an older version: kept as it is, not hashed again
+    forget_digests(out, {shards[0]})  # finished by an older version: kept as it is, not hashed again
     (out / "model.safetensors.index.json").unlink()
     (out / shards[1]).unlink()
     assert run_cli("merge", base, adapter, "-o", out, "--device", "cpu", "--quiet", "--checksums").returncode == 0
@@ -343,19 +334,15 @@ def test_a_merge_without_push_computes_no_sha256_of_its_shards(tmp_path: Path,
 
 
 @pytest.mark.hub
-def test_push_uses_the_digest_of_the_writer_without_hashing_again(hub, tmp_path: Path, monkeypatch) -> None:
+def test_push_uses_the_digest_of_the_writer_without_hashing_again(pusher_env, tmp_path: Path, monkeypatch) -> None:
     """The shard's sha256 (the Hub's LFS oid) comes from the merge's writer: the upload reads the file only to
     send it. A file changed since (its bytes no longer match that digest) is refused by the Hub, named."""
-    from huggingface_hub import constants, lfs
+    hub = pusher_env
+    from huggingface_hub import lfs
 
     from stream_merge.errors import HubError
     from stream_merge.push import Pusher
 
-    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(lfs, "sha_fileobj", lambda *a, **k: pytest.fail("the shard was hashed a second time"))
     out = tmp_path / "out"
     out.mkdir()
@@ -380,18 +367,14 @@ def test_push_uses_the_digest_of_the_writer_without_hashing_again(hub, tmp_path:
 
 
 @pytest.mark.hub
-def test_a_merge_with_push_records_the_writers_sha256_and_uploads_it(hub, tmp_path: Path, monkeypatch) -> None:
+def test_a_merge_with_push_records_the_writers_sha256_and_uploads_it(pusher_env, tmp_path: Path, monkeypatch) -> None:
     """--push-to-hub keeps the sha256 computed by the writer (the LFS oid, never hashed again) beside the
     xxh3_128; verify then compares the sha256."""
-    from huggingface_hub import constants, lfs
+    hub = pusher_env
+    from huggingface_hub import lfs
 
     import stream_merge
 
-    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(lfs, "sha_fileobj", lambda *a, **k: pytest.fail("the shard was hashed a second time"))
     base, adapter = make_pair(tmp_path)
     out = tmp_path / "out"
