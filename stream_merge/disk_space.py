@@ -33,10 +33,10 @@ def disk_needs(out: Path, plan: MergePlan, todo: Sequence[str], downloads: Seque
     sizes = output_sizes(plan)
     biggest = max(sizes.values()) if sizes else 0
     need = sum(sizes[f] for f in todo) + biggest
-    if not keep_outputs:  # pushed shards leave OUT: at most the ones waiting for upload, plus the current one
-        from .push import MAX_PENDING
+    if not keep_outputs:  # pushed shards leave OUT: at most the pusher's (push.MAX_HELD), plus the current one
+        from .push import MAX_HELD
 
-        need = min(need, (MAX_PENDING + 2) * biggest)
+        need = min(need, (MAX_HELD + 1) * biggest)
     where = existing(out)
     disks: dict[int, list] = {where.stat().st_dev: [where, need, 0]}
     for folder, n in downloads:

@@ -1,20 +1,22 @@
 """Upload a merge to a Hub model repo while it runs.
 
-Each shard is uploaded as soon as its output is committed and journaled, on one background thread (shards
-that finish while an upload is running go together in the next commit); the small files and the index go last,
-in one final commit, so a repo with the index is complete, as locally. The remote state is read once at the
-start: a shard whose remote LFS sha256 equals the journal's is already pushed, so re-running the same command
-resumes an interrupted push, and with `local_copy=False` (each shard deleted from OUT once pushed) such a shard
-is not merged again. A remote index from an earlier push is deleted by the first shard commit, so the repo
-never looks complete while its shards are being replaced.
+Each shard is uploaded as soon as its output is committed and journaled, in two stages on two threads
+(`push_lanes`): the LFS upload of the next shards runs while the commit of the shards uploaded before them
+runs, so the upload link does not wait for a commit; commits follow the order the shards were handed over
+(shards that finish while an upload runs are uploaded, and shards uploaded while a commit runs are
+committed, together). The small files and the index go last, in one final commit, so a repo with the index
+is complete, as locally. The remote state is read once at the start: a shard whose remote LFS sha256 equals
+the journal's is already pushed, so re-running the same command resumes an interrupted push, and with
+`local_copy=False` (each shard deleted from OUT once committed, never before) such a shard is not merged
+again. A remote index from an earlier push is deleted by the first shard commit, so the repo never looks
+complete while its shards are being replaced. The bytes sent are checked against the journal's digest (XXH3-128,
+else sha256) before their commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,13 +30,16 @@ from .hub_cache import git_blob_sha1
 from .hub_errors import call_with_retries, is_transient, short_error
 from .hub_http import install_timeouts
 from .push_file import HashedAdd
+from .push_lanes import Lanes
 
 log = logging.getLogger("stream_merge")
 T = TypeVar("T")
-# with local_copy=False: shards handed to the uploader and not pushed yet (the one uploading included) past which
-# the merge waits. One: shard i-1 uploads while shard i merges, so the uploader never starves; a second waiting
-# shard would only hold one more shard of disk.
+# with local_copy=False: shards handed to the uploader and not uploaded yet (the one uploading included) past
+# which the merge waits. One: shard i-1 uploads while shard i merges, so the uploader never starves; a second
+# waiting shard would only hold one more shard of disk. Beyond these, the pusher holds at most one shard that
+# is uploaded and not committed yet (see push_lanes): OUT holds at most MAX_HELD shards of the pusher's.
 MAX_PENDING = 1
+MAX_HELD = MAX_PENDING + 2
 
 
 class Pusher:
@@ -52,11 +57,9 @@ class Pusher:
         self.remote: dict[str, tuple[str | None, str | None]] = {}  # path -> (LFS sha256, git oid)
         self.uploaded: list[str] = []
         self._delete_index = False
-        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
-        self._pending = 0
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._lanes: Lanes[tuple[str, str, str | None], HashedAdd] = Lanes(
+            self._upload_shards, self._commit_shards, max_pending=None if local_copy else MAX_PENDING,
+            name="stream-merge-push")
         self.on_upload: Callable[[str], None] | None = None  # progress: a shard is on the Hub
 
     @classmethod
@@ -74,8 +77,10 @@ class Pusher:
         return sha256 is not None and self.remote.get(file, (None, None))[0] == sha256
 
     # ------------------------------------------------------------------ shards
-    def submit(self, file: str, sha256: str) -> None:
-        """Queue a committed shard for upload (no-op when the repo already has these bytes)."""
+    def submit(self, file: str, sha256: str, *, xxh3_128: str | None = None) -> None:
+        """Queue a committed shard for upload (no-op when the repo already has these bytes). `sha256` is its
+        LFS oid; the bytes sent are checked against `xxh3_128` when given (cheaper), else against `sha256`.
+        With `local_copy=False` this waits while too many shards are not uploaded yet (`push_lanes`)."""
         self.check()
         if self.pushed(file, sha256):
             if self.on_upload is not None:
@@ -83,64 +88,39 @@ class Pusher:
             if not self.local_copy:
                 (self.out / file).unlink(missing_ok=True)
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="stream-merge-push", daemon=True)
-            self._thread.start()
-        with self._cond:
-            self._pending += 1
-        self._queue.put((file, sha256))
-        if not self.local_copy:  # bound the disk: wait while too many shards are waiting for upload
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending <= MAX_PENDING or self._error is not None)
-        self.check()
+        self._lanes.put((file, sha256, xxh3_128))
 
     def check(self) -> None:
-        """Raise the uploader's error, if any (the merge stops early instead of filling the disk)."""
-        if self._error is not None:
-            raise self._error
+        """Raise the upload's or the commit's error, if any (the merge stops early instead of filling the disk)."""
+        self._lanes.check()
 
-    def _worker(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch = [item]
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            try:
-                if self._error is None:
-                    self._commit_shards(batch)
-            except BaseException as exc:  # noqa: BLE001 - handed to the merging thread by check()
-                self._error = exc
-            finally:
-                with self._cond:
-                    self._pending -= len(batch)
-                    self._cond.notify_all()
-
-    def _commit_shards(self, batch: list[tuple[str, str]]) -> None:
-        """Upload the shards (their sha256 is the journal's: no pass over the file before the upload; the bytes
-        sent are hashed on the way and checked before the commit), then commit them in one commit."""
-        files = [f for f, _ in batch]
-        adds = [HashedAdd.known(file, self.out / file, sha) for file, sha in batch]
-        what = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    def _upload_shards(self, batch: list[tuple[str, str, str | None]]) -> list[HashedAdd]:
+        """Stage one: upload the shards' bytes (their sha256 is the journal's: no pass over the file before the
+        upload; the bytes sent are hashed on the way and checked before the commit)."""
+        adds = [HashedAdd.known(file, self.out / file, sha, xxh3_128=xxh) for file, sha, xxh in batch]
+        what = _names([a.path_in_repo for a in adds])
         self._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=adds, free_memory=False),
                    f"uploading {what}", retry=False)
-        for add, (file, sha) in zip(adds, batch):
-            if add.sent_sha256() not in (None, sha):
-                raise HubError(f"{file} changed on disk after it was written (sha256 differs from the journal)",
-                               file=str(self.out / file), fix="re-run the merge; the shard will be rewritten")
+        for add in adds:
+            if not add.sent_matches():
+                raise HubError(f"{add.path_in_repo} changed on disk after it was written ({add.expected[0]} differs "
+                               "from the journal)", file=str(self.out / add.path_in_repo),
+                               fix="re-run the merge; the shard will be rewritten")
+        return adds
+
+    def _commit_shards(self, adds: list[HashedAdd]) -> None:
+        """Stage two: commit uploaded shards in one commit (deleting a remote index of an earlier push with the
+        first), then count them pushed and, with `local_copy=False`, delete them from OUT."""
+        what = _names([a.path_in_repo for a in adds])
         ops: list[Any] = list(adds)
         if self._delete_index:
             ops.append(CommitOperationDelete(path_in_repo=INDEX_NAME))
         self._call(lambda: self.api.create_commit(self.repo_id, ops, commit_message=f"stream-merge: upload {what}"),
                    f"committing {what}", retry=False)
         self._delete_index = False
-        for file, sha in batch:
-            self.remote[file] = (sha, None)
+        for add in adds:
+            file = add.path_in_repo
+            self.remote[file] = (add.upload_info.sha256.hex(), None)
             self.uploaded.append(file)
             if self.on_upload is not None:
                 self.on_upload(file)
@@ -152,11 +132,7 @@ class Pusher:
     def finish(self, small_files: Sequence[str]) -> None:
         """Wait for the shard uploads, then commit the small files with the index last (unchanged ones are
         skipped)."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        self.check()
+        self._lanes.join()
         names = [n for n in small_files if n != INDEX_NAME] + [INDEX_NAME]
         remote = self._remote_state(names)
         ops: list[Any] = []
@@ -174,9 +150,8 @@ class Pusher:
         log.info("push to %s complete", self.repo_id)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread = None
+        """Let the threads end once through what was handed over, without waiting (the run is stopping)."""
+        self._lanes.close()
 
     # ------------------------------------------------------------------ helpers
     def _remote_state(self, paths: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
@@ -212,3 +187,8 @@ class Pusher:
             return HubError(f"push to {self.repo_id} failed while {doing}{offline}: {short_error(exc)}",
                             file=self.repo_id, fix=resume)
         return exc
+
+
+def _names(files: list[str]) -> str:
+    """Up to three file names, for messages."""
+    return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")

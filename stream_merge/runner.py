@@ -205,7 +205,7 @@ class _MergeRun:
                     keep_outputs=cfg.local_copy)
         if self.pusher is not None:
             for r in self.done.values():  # finished by an earlier run, maybe not pushed yet
-                self.pusher.submit(r.file, r.sha256)
+                self.pusher.submit(r.file, r.sha256, xxh3_128=r.xxh3_128)
         return todo
 
     def merge(self, todo: list[str], progress: bool | Progress) -> list[ShardResult]:
@@ -223,7 +223,8 @@ class _MergeRun:
             from .ray_runner import merge_on_ray
 
             pusher = self.pusher
-            on_done = (lambda res: pusher.submit(res.file, res.sha256)) if pusher is not None else None
+            on_done = (None if pusher is None else
+                       lambda res: pusher.submit(res.file, res.sha256, xxh3_128=res.xxh3_128))
             return merge_on_ray(self.plan, self.base_src.folder(), self.out, self.done, todo, compute, progress,
                                 None if cfg.ray == "local" else cfg.ray, checksum, on_done)
         watch_downloads(progress, self.base_src, todo)

@@ -37,7 +37,7 @@ class _Committer:
         for file in release:
             self.base.release(file)
         if self.pusher is not None:
-            self.pusher.submit(res.file, res.sha256)
+            self.pusher.submit(res.file, res.sha256, xxh3_128=res.xxh3_128)
 
     def submit(self, written: AtomicFile, res: ShardResult, release: Sequence[str]) -> None:
         """Publish `written` once the previous shard is, then release the base shards in `release` (no later

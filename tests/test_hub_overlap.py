@@ -156,24 +156,3 @@ def test_pusher_refuses_a_shard_that_changed_after_it_was_written(pusher_env, tm
         p.finish([])
     repo = pusher_env.get_repo("org/merged")
     assert "model-1.safetensors" not in repo.commits[repo.branches["main"]].files
-
-
-def test_without_a_local_copy_the_merge_waits_while_a_shard_is_uploading(pusher_env, tmp_path: Path) -> None:
-    """Disk bound of --no-local-copy: handing over shard 2 while shard 1 is still uploading waits until shard 1
-    is pushed (and deleted), so OUT holds at most the shard uploading and the one being merged."""
-    from stream_merge.push import Pusher
-
-    pusher_env.delay("/_lfs/upload/", 1.0, methods=["PUT"])  # a slow link
-    out = tmp_path / "out"
-    out.mkdir()
-    data2 = DATA[::-1]
-    (out / "model-1.safetensors").write_bytes(DATA)
-    (out / "model-2.safetensors").write_bytes(data2)
-    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    p = Pusher.open("org/merged", out, ["model-1.safetensors", "model-2.safetensors"], local_copy=False)
-    p.submit("model-1.safetensors", SHA)
-    p.submit("model-2.safetensors", hashlib.sha256(data2).hexdigest())
-    assert "model-1.safetensors" in p.uploaded and not (out / "model-1.safetensors").exists()
-    p.finish([])
-    assert p.uploaded[:2] == ["model-1.safetensors", "model-2.safetensors"]
-    assert not (out / "model-2.safetensors").exists()

@@ -129,10 +129,10 @@ def test_dry_run_counts_only_what_is_left_to_write(pair: tuple[Path, Path], tmp_
     pushed = stream_merge.merge(str(base), str(adapter), str(tmp_path / "o2"), dry_run=True, push_to_hub="me/x",
                                 local_copy=False)
     sizes = output_sizes(pushed.plan)
-    from stream_merge.push import MAX_PENDING
+    from stream_merge.push import MAX_HELD
 
     biggest = max(sizes.values())
-    assert pushed.disk[0].need == min(sum(sizes.values()) + biggest, (MAX_PENDING + 2) * biggest)
+    assert pushed.disk[0].need == min(sum(sizes.values()) + biggest, (MAX_HELD + 1) * biggest)
 
 
 def test_dry_run_refuses_what_the_merge_would_refuse_in_out(pair: tuple[Path, Path], tmp_path: Path,
