@@ -152,3 +152,9 @@ class MergeInterrupted(StreamMergeError):
     """Ctrl-C or SIGTERM; the output is left resumable."""
 
     exit_code = 130
+
+
+class RedoFromFile(Exception):
+    """Internal, never shown: an output shard was merged from a base shard while it downloaded, and those bytes
+    cannot be vouched for (the download failed, was retried into another file, or its digest was not the one
+    computed from the bytes read). The shard loop writes the shard again from the downloaded, checked file."""

@@ -24,34 +24,25 @@ sha is used for every file afterwards, so a branch that moves during a run canno
 from __future__ import annotations
 
 import logging
-import queue
 import struct
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import HfApi, constants, hf_hub_url
 
 from .checkpoint import (INDEX_NAME, SINGLE_NAME, check_pickle_allowed, index_shard_names, load_json, read_index,
                          read_shard_header, weight_files)
 from .errors import HubError, StreamMergeError
 from .extras import MAX_SIDE_FILE, TOKENIZER_FILES, is_side_file, side_files
-from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, cached_files, cached_revision, digest_matches,
-                        drop_stale_partials, remember_ref, remote_file, remove_empty_area, repo_cache_dir, snapshot_dir)
+from .hub_cache import RemoteFile, cached_files, cached_revision, remember_ref, remote_file, repo_cache_dir, snapshot_dir
+from .hub_download import ShardDownloads
 from .hub_errors import call_with_retries, hub_error, split_spec
-from .hub_follow import PartialFollower
 from .hub_http import install_timeouts, read_range
-from .progress import Arrivals
 from .records import BaseIndex, ShardHeader
 from .pickle_io import read_pickle_header
 from .safetensors_io import MAX_HEADER_BYTES, parse_header
-
-try:
-    from huggingface_hub.utils.tqdm import silent_tqdm as _quiet_bar
-except ImportError:  # older huggingface_hub: its own bars
-    _quiet_bar = None
 
 __all__ = ["HubSource", "RemoteFile", "HEADER_PROBE", "ADAPTER_FILES"]
 
@@ -60,11 +51,10 @@ T = TypeVar("T")
 
 HEADER_PROBE = 100_000          # first range read of a shard; larger headers take a second one
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json")
-FOLLOW_MIN = 1 << 20            # LFS files at least this big are hashed while they download
 BASE_CARD = "README.md"         # fetched with the small files: the output's card keeps its text and licence
 
 
-class HubSource:
+class HubSource(ShardDownloads):
     """A Hub model repo pinned to one commit. See the module docstring for the policies."""
 
     kind = "hub"
@@ -82,11 +72,8 @@ class HubSource:
         self.offline = offline
         self.download_dir = download_dir
         self.keep_downloads = keep_downloads
-        self._lock = threading.Lock()
-        self._futures: dict[str, Future[Path]] = {}
-        self._ours: dict[str, Path] = {}  # shards we downloaded into download_dir: deleted on release
-        self._queue: queue.Queue[tuple[str, Future[Path]] | None] | None = None
-        self.arrivals: Arrivals | None = None  # download progress (`progress.watch_downloads`)
+        self._init_downloads()
+        self.arrivals = None  # download progress (`progress.watch_downloads`)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -211,42 +198,6 @@ class HubSource:
                            file=str(index_path), fix="run once online")
         return sorted(set(index_shard_names(load_json(index_path, "checkpoint index"), str(index_path), layout).values()))
 
-    def available(self, file: str) -> bool:
-        """Whether the shard can be read without downloading it (it is in the HF cache)."""
-        return self._cached(file) is not None
-
-    def download_sizes(self, files: Sequence[str]) -> dict[str, int]:
-        """The shards among `files` that are not in the HF cache (to be downloaded), with their sizes."""
-        return {f: self.files[f].size for f in files if f in self.files and self._cached(f) is None}
-
-    def prefetch(self, file: str) -> None:
-        with self._lock:
-            if file in self._futures:
-                return
-            if self._queue is None:
-                self._queue = queue.Queue()
-                threading.Thread(target=self._worker, args=(self._queue,), name="stream-merge-download",
-                                 daemon=True).start()
-            fut: Future[Path] = Future()
-            self._futures[file] = fut
-            self._queue.put((file, fut))
-
-    def shard_path(self, file: str) -> Path:
-        self.prefetch(file)
-        return self._futures[file].result()
-
-    def release(self, file: str) -> None:
-        with self._lock:
-            self._futures.pop(file, None)
-            path = self._ours.pop(file, None)
-        if path is not None:
-            path.unlink(missing_ok=True)
-            assert self.download_dir is not None
-            meta = self.download_dir / HF_LOCAL_DIR_META / "download" / (file + ".metadata")
-            meta.unlink(missing_ok=True)
-            meta.with_suffix(".lock").unlink(missing_ok=True)
-            log.info("deleted downloaded shard %s", file)
-
     def read_range(self, file: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a repo file: from the HF cache when it is there, else one range request."""
         cached = self._cached(file)
@@ -257,127 +208,7 @@ class HubSource:
         url = hf_hub_url(self.repo_id, file, revision=self.revision)
         return self._call(lambda: read_range(url, start, end, self.token), file=file)
 
-    def disk_need(self, files: Sequence[str], prefetch: int) -> list[tuple[Path, int]]:
-        """Where downloading `files` puts bytes, and at most how many at once."""
-        sizes = [self.files[f].size for f in files if f in self.files and self._cached(f) is None]
-        if not sizes:
-            return []
-        if self.keep_downloads:
-            return [(Path(constants.HF_HUB_CACHE), sum(sizes))]
-        assert self.download_dir is not None
-        return [(self.download_dir, sum(sorted(sizes, reverse=True)[:prefetch + 1]))]
-
-    def close(self, complete: bool = False) -> None:
-        """Stop the download thread; after a complete merge remove what this source left in its download area
-        (shards it downloaded and did not release, their bookkeeping) and the area's folders once empty."""
-        with self._lock:
-            for fut in self._futures.values():
-                fut.cancel()
-            if self._queue is not None:
-                self._queue.put(None)
-                self._queue = None
-            leftovers = list(self._ours) if complete else []
-        for file in leftovers:
-            self.release(file)
-        if complete and self.download_dir is not None:
-            remove_empty_area(self.download_dir)
-
-    # ------------------------------------------------------------------ shards
-    def _worker(self, q: queue.Queue[tuple[str, Future[Path]] | None]) -> None:
-        while (item := q.get()) is not None:
-            file, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(self._obtain(file))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                fut.set_exception(exc)
-
-    def _cached(self, file: str) -> Path | None:
-        """The file in the HF cache at our commit, if it is there with the right size."""
-        if self.offline:
-            p = self.snapshot / file
-        else:
-            found = try_to_load_from_cache(self.repo_id, file, revision=self.revision)
-            if not isinstance(found, str):
-                return None
-            p = Path(found)
-        entry = self.files.get(file)
-        return p if p.is_file() and entry is not None and p.stat().st_size == entry.size else None
-
-    def _obtain(self, file: str) -> Path:
-        entry = self.files[file]
-        cached = self._cached(file)
-        if cached is not None:
-            ok, got = digest_matches(cached, entry)
-            if ok:
-                log.info("using %s from the HF cache", file)
-                return cached
-            if self.offline:
-                raise HubError(f"the cached copy of {file} is corrupt ({got[:16]}..., the Hub says "
-                               f"{(entry.expected() or ('', ''))[1][:16]}...)", file=str(cached.resolve()),
-                               fix="delete it and run once online")
-            log.warning("the cached copy of %s is corrupt; downloading it again", file)
-        if self.offline:
-            raise HubError(f"{file} is not in the HF cache and HF_HUB_OFFLINE=1 is set", file=str(self.snapshot),
-                           fix="run once online")
-        if self.keep_downloads:
-            return self._fetch_verified(file, None, force=cached is not None)
-        if self.download_dir is None:
-            raise HubError(f"no download folder for {file}", fix="give an output folder (-o OUT)")
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        drop_stale_partials(self.download_dir, entry)
-        path = self._fetch_verified(file, self.download_dir)
-        with self._lock:
-            self._ours[file] = path
-        return path
-
-    # ------------------------------------------------------------------ downloads
-    def _fetch_verified(self, name: str, local_dir: Path | None, force: bool = False) -> Path:
-        """Download `name` (into `local_dir`, or the HF cache when None) and check its digest; once more on a
-        mismatch."""
-        entry = self.files[name]
-        got = ""
-        for attempt in range(2):
-            if entry.sha256 and entry.size >= FOLLOW_MIN:  # shards: hashed while they download
-                with PartialFollower(self._partials_dir(name, local_dir), entry) as follower:
-                    path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
-                    ok, got = follower.verdict(path)
-            else:
-                path = self._call(lambda: self._download(name, local_dir, force or attempt > 0), file=name)
-                ok, got = digest_matches(path, entry)
-            if ok:
-                if self.arrivals is not None:
-                    self.arrivals.finish(name)
-                return path
-            log.warning("%s from %s does not match the Hub's checksum (%s); downloading it again", name,
-                        self.repo_id, got[:16])
-            if local_dir is not None:
-                path.unlink(missing_ok=True)
-        if local_dir is None:  # do not leave a corrupt blob behind in the user's cache
-            blob = path.resolve()
-            path.unlink(missing_ok=True)
-            blob.unlink(missing_ok=True)
-        kind, want = entry.expected() or ("size", str(entry.size))
-        raise HubError(f"{name} of {self.repo_id}@{self.revision[:12]} was downloaded twice and both copies differ "
-                       f"from the Hub's {kind} ({got[:16]}... instead of {want[:16]}...)", file=name,
-                       fix="retry later; if it persists, the file or a proxy on the way is corrupt")
-
-    def _partials_dir(self, name: str, local_dir: Path | None) -> Path:
-        """Where huggingface_hub writes `name`'s partial file (see hub_cache's module docstring)."""
-        if local_dir is None:
-            return repo_cache_dir(self.repo_id) / "blobs"
-        return local_dir / HF_LOCAL_DIR_META / "download" / PurePosixPath(name).parent
-
-    def _download(self, name: str, local_dir: Path | None, force: bool) -> Path:
-        kwargs: dict[str, Any] = dict(revision=self.revision, token=self.token, force_download=force)
-        if _quiet_bar is not None:
-            kwargs["tqdm_class"] = _quiet_bar if self.arrivals is None else self.arrivals.bar(name, _quiet_bar)
-        if local_dir is not None:
-            kwargs["local_dir"] = local_dir
-        log.info("downloading %s from %s", name, self.repo_id)
-        return Path(hf_hub_download(self.repo_id, name, **kwargs))
-
+    # ------------------------------------------------------------------ headers
     def _read_headers(self, names: Sequence[str]) -> dict[str, ShardHeader | BaseException]:
         def one(name: str) -> ShardHeader:
             local = self._cached(name)

@@ -7,6 +7,10 @@ When the download returns, `verdict` reads the rest and claims a result only whe
 very file the download produced (same inode, the expected size); in any other case (no partial found, a retry
 that started a new file, another process's file) it hashes the final file as before. The hash itself is never
 trusted blindly: a match is a full sha256 of the final file's bytes, only computed earlier.
+
+The follower also lets the merge read the shard while it downloads (`hub_stream`): `wait_for(end)` returns once
+the first `end` bytes have been hashed (they are in the file and final, as huggingface_hub only appends), and
+`streamed` says, after the verdict, whether the digest that matched is the one of those very bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class PartialFollower:
         self._hash = hashlib.sha256()
         self._done = 0
         self._error: BaseException | None = None
+        self._grew = threading.Condition()
+        self._finished = False      # closed: `_done` grows no more
+        self.opened = threading.Event()  # the partial file was found and opened
+        self.streamed = False       # the verdict's match is the sha256 of the bytes `wait_for` handed out
         self._thread = threading.Thread(target=self._run, name="stream-merge-hash", daemon=True)
         self._thread.start()
 
@@ -52,6 +60,7 @@ class PartialFollower:
                     if len(new) == 1:
                         try:
                             self._fd = os.open(new[0], os.O_RDONLY)
+                            self.opened.set()
                         except OSError:
                             self._before.add(new[0])  # gone already (a failed attempt): look again
                     self._stop.wait(_POLL_S)
@@ -66,8 +75,25 @@ class PartialFollower:
         buf = os.read(self._fd, _READ)
         if buf:
             self._hash.update(buf)
-            self._done += len(buf)
+            with self._grew:
+                self._done += len(buf)
+                self._grew.notify_all()
         return bool(buf)
+
+    def dup(self) -> int:
+        """A new descriptor of the partial file (valid after the rename and after `close`); needs `opened`."""
+        assert self._fd is not None
+        return os.dup(self._fd)
+
+    def wait_for(self, end: int, abandoned: threading.Event) -> bool:
+        """Wait until the first `end` bytes have arrived and been hashed; False when they never will (the download
+        ended short or failed) or `abandoned` is set."""
+        with self._grew:
+            while self._done < end:
+                if self._finished or abandoned.is_set():
+                    return False
+                self._grew.wait(_POLL_S * 5)
+        return True
 
     def verdict(self, path: Path) -> tuple[bool, str]:
         """`digest_matches(path, entry)`, from the hash made while downloading when it covers this very file."""
@@ -80,6 +106,7 @@ class PartialFollower:
                 if self._done == self.entry.size == path.stat().st_size and self.entry.sha256:
                     got = self._hash.hexdigest()
                     if got == self.entry.sha256:
+                        self.streamed = True
                         return True, got
         except OSError:
             pass
@@ -88,6 +115,9 @@ class PartialFollower:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        with self._grew:
+            self._finished = True
+            self._grew.notify_all()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -93,7 +93,8 @@ def shard_chunks(shard: ShardPlan, readers: ShardReader | Readers, adapters: Seq
     """The output shard as (tensor name or None, buffer, valid bytes), in file order. Jobs run on
     `compute.threads` threads (torch releases the GIL); each buffer belongs to the consumer, who gives it
     back with `pool.put`. The pool must hold more than `compute.depth` buffers plus those the consumer keeps."""
-    jobs = shard_jobs(shard, readers, adapters, compute, Scratch(), others)
+    inputs = as_readers(readers)
+    jobs = shard_jobs(shard, inputs, adapters, compute, Scratch(), others)
     if compute.threads <= 1:
         for job in jobs:
             yield job.name, job.run(None if job.source else pool.get(job.nbytes)), job.nbytes
@@ -110,6 +111,9 @@ def shard_chunks(shard: ShardPlan, readers: ShardReader | Readers, adapters: Seq
             while inflight:
                 done, fut = inflight.popleft()
                 yield done.name, fut.result(), done.nbytes
+        except BaseException:  # a failure, Ctrl-C, or the consumer stopped: jobs waiting for bytes of a
+            inputs.abandon()   # download in progress must not hold the pool's shutdown until they arrive
+            raise
         finally:
             for _, fut in inflight:
                 fut.cancel()

@@ -245,7 +245,7 @@ class ShardReader:
         start = pos - pos % mmap.ALLOCATIONGRANULARITY
         if pos + nbytes > self.header.size:
             raise CheckpointFormatError("unexpected end of file while reading", file=str(self.path))
-        self.check_unchanged()
+        self._ready(pos, pos + nbytes)
         try:
             m = mmap.mmap(self._fd, pos + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError):
@@ -253,8 +253,21 @@ class ShardReader:
             raise CheckpointFormatError("cannot map the file for reading", file=str(self.path)) from None
         return memoryview(m)[pos - start:pos - start + nbytes]
 
-    def _pread(self, pos: int, buf: memoryview) -> None:
+    def _ready(self, start: int, end: int) -> None:
+        """Called before bytes [start, end) of the file are read or mapped: here, the file must be as planned
+        (`hub_stream.StreamedShardReader` waits for the bytes of a download instead)."""
         self.check_unchanged()
+
+    def confirm(self) -> None:
+        """Called once an output shard is written from this reader, before it is published: the bytes read
+        are final (nothing to check for a complete file; a streamed download raises `RedoFromFile` when not)."""
+
+    def abandon(self) -> None:
+        """The reads in progress are no longer wanted (an output shard failed or was interrupted): a reader
+        that waits for bytes stops waiting. Nothing to do for a complete file."""
+
+    def _pread(self, pos: int, buf: memoryview) -> None:
+        self._ready(pos, pos + len(buf))
         done = 0
         while done < len(buf):
             got = os.preadv(self._fd, [buf[done:]], pos + done)

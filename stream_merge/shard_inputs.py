@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointFormatError
 from .records import ShardHeader
 from .safetensors_io import ShardReader
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 OpenReader = Callable[[str], ShardReader]
 
@@ -37,6 +41,17 @@ class Readers:
             if header is None:
                 raise CheckpointFormatError("base shard not in the plan", file=file)
             return ShardReader(shard_path(file), header)
+        return cls(open_reader)
+
+    @classmethod
+    def merging(cls, source: "Source", headers: Mapping[str, ShardHeader]) -> "Readers":
+        """Readers for merging from `source` (`Source.open_shard`: a Hub shard is read while it downloads;
+        `confirm` before the output is published)."""
+        def open_reader(file: str) -> ShardReader:
+            header = headers.get(file)
+            if header is None:
+                raise CheckpointFormatError("base shard not in the plan", file=file)
+            return source.open_shard(file, header)
         return cls(open_reader)
 
     @classmethod
@@ -66,6 +81,20 @@ class Readers:
             self.close()
             raise
         return self
+
+    def confirm(self) -> None:
+        """The output is written: raise `RedoFromFile` if bytes read from a download in progress are not vouched
+        for by its digest (see `hub_stream`)."""
+        for reader in self._all():
+            reader.confirm()
+
+    def abandon(self) -> None:
+        """Stop reads that wait for bytes still downloading (the output shard failed or was interrupted)."""
+        for reader in self._all():
+            reader.abandon()
+
+    def _all(self) -> list[ShardReader]:
+        return [self._borrowed] if self._borrowed is not None else list(self._readers.values())
 
     def close(self) -> None:
         readers, self._readers = self._readers, {}

@@ -1,16 +1,19 @@
 """The local shard loop: merge the output shards this run owns one after the other, overlapping each shard's
 publication (fsync, rename, journal record, upload hand-off) with the next shard's merge. A Hub base's input
-shards are fetched ahead for the next output shards and released once no later output shard reads them."""
+shards are fetched ahead for the next output shards, read while they download (`hub_stream`; a shard whose
+download cannot vouch for the bytes read is merged again from the checked file), and released once no later
+output shard reads them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .adapter import AdapterReader
-from .errors import MergeInterrupted
+from .errors import MergeInterrupted, RedoFromFile
 from .fileio import AtomicFile
 from .interrupts import check as check_interrupt
 from .journal import Journal
@@ -20,6 +23,8 @@ from .shard_inputs import Readers
 from .shard_rows import OtherShards
 from .sources import Source
 from .worker import Compute, frozen_gc, publish, write_shard
+
+log = logging.getLogger("stream_merge")
 
 
 class _Committer:
@@ -66,9 +71,21 @@ def _merge_one(plan: MergePlan, shard: ShardPlan, base: Source, out: Path, adapt
                compute: Compute, report: Progress, checksum: bool, others: OtherShards
                ) -> tuple[AtomicFile, ShardResult]:
     headers = {h.file: h for h in plan.base.shards}
+    try:
+        with Readers.merging(base, headers).open(shard.inputs) as readers, frozen_gc():
+            written, res = write_shard(shard, readers, adapters, out / shard.file, compute,
+                                       lambda n, f=shard.file: report(n, f), checksum, others)
+            try:
+                readers.confirm()  # the bytes read while a base shard downloaded are the checked file's
+            except BaseException:
+                written.abort()
+                raise
+            return written, res
+    except RedoFromFile as redo:
+        log.warning("%s: the download of %s could not vouch for the bytes read while it ran; merging the shard "
+                    "again from the checked file", shard.file, redo)
     with Readers.of(base.shard_path, headers).open(shard.inputs) as readers, frozen_gc():
-        return write_shard(shard, readers, adapters, out / shard.file, compute,
-                           lambda n, f=shard.file: report(n, f), checksum, others)
+        return write_shard(shard, readers, adapters, out / shard.file, compute, lambda n: None, checksum, others)
 
 
 def last_readers(todo: Sequence[ShardPlan]) -> dict[str, list[str]]:

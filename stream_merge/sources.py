@@ -8,12 +8,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .checkpoint import read_index, regular_file
 from .errors import HubError, InputError
 from .extras import side_files
-from .records import BaseIndex
+from .records import BaseIndex, ShardHeader
+
+if TYPE_CHECKING:
+    from .safetensors_io import ShardReader
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
 DOWNLOADS_DIR = ".stream-merge-downloads"  # inside OUT: base shards downloaded just in time, deleted once merged
@@ -42,6 +45,10 @@ class Source(Protocol):
 
     def shard_path(self, file: str) -> Path:
         """The shard as a local file (waits for a download)."""
+
+    def open_shard(self, file: str, header: ShardHeader) -> ShardReader:
+        """A reader of the shard for merging; a Hub shard's may be read while it downloads (its `confirm`
+        says, once the output is written, whether those bytes were the checked file's)."""
 
     def release(self, file: str) -> None:
         """The shard's output is committed: delete it if we downloaded it and may not keep it."""
@@ -83,6 +90,10 @@ class LocalSource:
 
     def shard_path(self, file: str) -> Path:
         return self.path / file
+
+    def open_shard(self, file: str, header: ShardHeader) -> ShardReader:
+        from .safetensors_io import ShardReader  # torch: only once a merge runs
+        return ShardReader(self.path / file, header)
 
     def release(self, file: str) -> None:
         pass

@@ -1,7 +1,7 @@
 """Fault injection for the test Hub server (``hub_server.py`` speaks the protocol; this module breaks it).
 
 ``FaultInjection`` is mixed into ``HubServer``: ``add_fault`` and the shortcuts ``drop``, ``corrupt``, ``fail``,
-``wrong_etag``, ``delay`` and ``ignore_range`` apply to requests whose path matches a pattern, optionally for
+``wrong_etag``, ``delay``, ``ignore_range`` and ``hold`` apply to requests whose path matches a pattern, optionally for
 the first N matching requests only. The request handler asks ``take_faults`` which faults a request gets and
 passes its response body through ``faulty_body``. ``TokenBucket`` limits the bandwidth of one direction (the
 server keeps one for downloads and one for uploads, each shared by all connections, as a full-duplex link). ``silent_server`` is a socket that accepts connections and
@@ -15,10 +15,10 @@ import fnmatch
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-KINDS = ("drop", "corrupt", "status", "wrong_etag", "delay", "ignore_range")
+KINDS = ("drop", "corrupt", "status", "wrong_etag", "delay", "ignore_range", "hold")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class Fault:
     line), ``"corrupt"`` (flip one byte every ``every`` bytes of the body, size unchanged), ``"status"``
     (answer ``status``, default 503), ``"wrong_etag"`` (ETag/X-Linked-Etag that do not match the content),
     ``"delay"`` (sleep ``seconds`` before answering), ``"ignore_range"`` (answer a range request with the whole
-    file and a 200, as some proxies do). ``times``: only the first N matching requests (``None`` = all).
+    file and a 200, as some proxies do), ``"hold"`` (send ``after_bytes`` body bytes, then wait until the test sets
+``released``, at most a minute, and send the rest). ``times``: only the first N matching requests (``None`` = all).
     ``methods``: defaults to GET for drop/corrupt/ignore_range, to every method otherwise. ``pattern``: a glob
     (``fnmatch``) if it contains ``*?[``, else a substring, tested against the decoded path; or a callable
     ``(method, path) -> bool``.
@@ -44,6 +45,8 @@ class Fault:
     seconds: float = 0.0
     every: int = 1024
     hits: int = 0
+    released: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)  # a body reached the hold
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -69,7 +72,7 @@ class FaultInjection:
                   seconds: float = 0.0, every: int = 1024) -> Fault:
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
-        if methods is None and kind in ("drop", "corrupt", "ignore_range"):
+        if methods is None and kind in ("drop", "corrupt", "ignore_range", "hold"):
             methods = ("GET",)
         fault = Fault(pattern=pattern, kind=kind, times=times,
                       methods=frozenset(m.upper() for m in methods) if methods is not None else None,
@@ -99,6 +102,10 @@ class FaultInjection:
         """Answer range requests with the whole file (200), like a proxy that does not support ranges."""
         return self.add_fault(pattern, "ignore_range", times=times, methods=methods)
 
+    def hold(self, pattern, after_bytes: int, *, times: int | None = 1, methods=None) -> Fault:
+        """Send ``after_bytes`` body bytes, then wait for ``fault.released.set()`` before the rest."""
+        return self.add_fault(pattern, "hold", after_bytes=after_bytes, times=times, methods=methods)
+
     def clear_faults(self) -> None:
         with self._fault_lock:
             self._faults.clear()
@@ -120,6 +127,7 @@ def faulty_body(chunks: Iterable[bytes], faults: Iterable[Fault], on_drop: Calla
     ``on_drop(last part)`` (which writes that part and closes the connection)."""
     drop_at = None
     corrupt_every = None
+    holds = [f for f in faults if f.kind == "hold"]
     for fault in faults:
         if fault.kind == "drop" and fault.after_bytes is not None:
             drop_at = fault.after_bytes if drop_at is None else min(drop_at, fault.after_bytes)
@@ -136,6 +144,13 @@ def faulty_body(chunks: Iterable[bytes], faults: Iterable[Fault], on_drop: Calla
             chunk = bytes(buf)
         if drop_at is not None and pos + len(chunk) >= drop_at:
             on_drop(chunk[: drop_at - pos])
+        for hold in holds:
+            if pos <= (hold.after_bytes or 0) < pos + len(chunk):
+                cut = (hold.after_bytes or 0) - pos
+                yield chunk[:cut]
+                hold.held.set()
+                hold.released.wait(60)
+                chunk, pos = chunk[cut:], pos + cut
         yield chunk
         pos += len(chunk)
 

@@ -1,0 +1,308 @@
+"""A Hub base shard is merged while it downloads (hub_stream), and nothing read early is ever published unless
+the download's sha256 vouches for those very bytes.
+
+Unit tests drive `StreamedShardReader` with a partial file written the way huggingface_hub writes one; the
+integration tests merge in this process against the project's Hub server (`pusher_env`), with huggingface_hub's
+download chunk made small so that a partial file grows in steps as it does for multi-GB shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+
+from stream_merge.errors import HubError, RedoFromFile
+from stream_merge.hub_cache import RemoteFile
+from stream_merge.hub_follow import PartialFollower
+from stream_merge.hub_stream import ShardStream, StreamedShardReader
+from stream_merge.safetensors_io import read_header_file
+from stream_merge.synthetic import LlamaShape, write_adapter, write_checkpoint
+
+pytestmark = pytest.mark.hub
+
+SHAPE = LlamaShape(hidden=256, intermediate=512, layers=4, vocab=1024, heads=4, kv_heads=2)
+SHARD_BYTES = 2_500_000  # shards of 1.3-2.5 MB: above hub_download.FOLLOW_MIN, so they are followed
+
+
+# ---------------------------------------------------------------------------------------------- unit
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stream-shard")
+    (name,) = write_checkpoint(root, SHAPE, max_shard_bytes=10**9)
+    return root / name
+
+
+def _entry(data: bytes) -> RemoteFile:
+    return RemoteFile(path="model.safetensors", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+class _Partial:
+    """A partial file written as huggingface_hub writes one (appends, then a rename), a step at a time."""
+
+    def __init__(self, folder: Path, etag: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"abcd.{etag}.{os.urandom(4).hex()}.incomplete"
+        self.f = open(self.path, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.f.flush()
+
+    def finish(self, final: Path) -> Path:
+        self.f.close()
+        os.replace(self.path, final)
+        return final
+
+
+def _streamed(folder: Path, data: bytes, shard: Path) -> tuple[ShardStream, PartialFollower, StreamedShardReader]:
+    stream = ShardStream("model.safetensors", Future())
+    follower = PartialFollower(folder, _entry(data))
+    stream.attempt(follower)
+    return stream, follower, StreamedShardReader(stream, read_header_file(shard))
+
+
+def _wait(cond, what: str, limit: float = 30.0) -> None:
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, f"gave up waiting: {what}"
+        time.sleep(0.01)
+
+
+def test_a_read_waits_for_its_bytes_and_the_verdict_vouches_for_them(shard: Path, tmp_path: Path) -> None:
+    data = shard.read_bytes()
+    header = read_header_file(shard)
+    last = max(header.tensors, key=lambda t: t.end)
+    stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
+    part = _Partial(tmp_path / "dl", _entry(data).etag)
+    got: dict[str, bytes] = {}
+    t = threading.Thread(target=lambda: got.setdefault("last", bytes(reader.read_tensor(last).reshape(-1).view(
+        torch.uint8).numpy())))
+    t.start()
+    cut = header.data_offset + last.start + 10
+    part.write(data[:cut])
+    _wait(lambda: follower._done >= cut, "the follower hashed the first part")
+    time.sleep(0.1)
+    assert t.is_alive()  # the last tensor's bytes are not there yet: the read waits
+    part.write(data[cut:])
+    t.join(30)
+    assert got["last"] == data[header.data_offset + last.start:header.data_offset + last.end]
+    final = part.finish(tmp_path / "model.safetensors")
+    assert follower.verdict(final)[0] and follower.streamed
+    follower.close()
+    stream.verified(follower)
+    stream.result.set_result(final)
+    reader.confirm()  # vouched for: no RedoFromFile
+    assert bytes(reader.view(0, 64)) == data[header.data_offset:header.data_offset + 64]
+    reader.close()
+
+
+@pytest.mark.parametrize("how", ["retried into another file", "matched only by a second pass"])
+def test_bytes_read_early_are_refused_unless_that_download_vouches_for_them(shard: Path, tmp_path: Path,
+                                                                            how: str) -> None:
+    data = shard.read_bytes()
+    stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
+    part = _Partial(tmp_path / "dl", _entry(data).etag)
+    part.write(data)
+    assert reader.raw_header() == data[:read_header_file(shard).data_offset]
+    final = part.finish(tmp_path / "model.safetensors")
+    follower.verdict(final)
+    follower.close()
+    if how == "retried into another file":
+        stream.verified(PartialFollower(tmp_path / "other", _entry(data)))
+    else:
+        follower.streamed = False  # the verdict fell back to hashing the final file
+        stream.verified(follower)
+    stream.result.set_result(final)
+    with pytest.raises(RedoFromFile):
+        reader.confirm()
+    reader.close()
+
+
+def test_abandon_wakes_a_read_waiting_for_bytes_that_do_not_come(shard: Path, tmp_path: Path) -> None:
+    data = shard.read_bytes()
+    stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
+    part = _Partial(tmp_path / "dl", _entry(data).etag)
+    part.write(data[:100_000])
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader.view(len(data) - 5000, 1000)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()
+    reader.abandon()
+    t.join(10)
+    assert not t.is_alive() and isinstance(errors[0], RedoFromFile)
+    follower.close()
+    reader.close()
+
+
+def test_a_download_that_ends_short_or_restarts_from_zero_is_a_redo_never_a_crash(shard: Path,
+                                                                                 tmp_path: Path) -> None:
+    """huggingface_hub truncates its partial file when a resumed request is answered with the whole file: a read
+    of bytes that were there must not map the shrunk file (SIGBUS) but ask for a redo."""
+    data = shard.read_bytes()
+    stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
+    part = _Partial(tmp_path / "dl", _entry(data).etag)
+    part.write(data[:1_000_000])
+    _wait(lambda: follower._done >= 1_000_000, "hashed")
+    part.f.truncate(0)
+    with pytest.raises(RedoFromFile):
+        reader.view(500_000 - read_header_file(shard).data_offset, 200_000)
+    follower.close()  # the download gave up: reads past what arrived are a redo, not a hang
+    with pytest.raises(RedoFromFile):
+        reader.view(len(data) - 5000 - read_header_file(shard).data_offset, 1000)
+    part.f.close()
+    reader.close()
+
+
+# ---------------------------------------------------------------------------------------------- integration
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import stream_merge
+
+    root = tmp_path_factory.mktemp("stream-model")
+    base, adapter, ref = root / "base", root / "adapter", root / "ref"
+    shards = write_checkpoint(base, SHAPE, max_shard_bytes=SHARD_BYTES)
+    write_adapter(adapter, SHAPE, r=4, alpha=8.0, base_name="org/base")
+    stream_merge.merge(str(base), str(adapter), str(ref), device="cpu")
+    sizes = {s: (base / s).stat().st_size for s in shards}
+    assert len(shards) >= 3 and min(sizes.values()) > 1 << 20
+    return {"base": base, "adapter": adapter, "ref": ref, "shards": shards, "sizes": sizes}
+
+
+@pytest.fixture
+def hub_run(pusher_env, model, tmp_path, monkeypatch):
+    """The model on the test Hub; huggingface_hub's cache in tmp_path, its download chunk 64 KiB (10 MiB by
+    default: a multi-GB shard grows in many steps, these small ones would arrive in one)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    pusher_env.add_commit("org/lora", {p.name: p for p in model["adapter"].iterdir()})
+    pusher_env.add_commit("org/base", {p.name: p for p in model["base"].iterdir()})
+    return pusher_env
+
+
+def _after_planning(out: Path, shard: str):
+    return lambda m, p: m == "GET" and p.endswith("/" + shard) and (out / ".stream-merge-downloads").exists()
+
+
+def _same(out: Path, model: dict) -> None:
+    for s in model["shards"]:
+        assert (out / s).read_bytes() == (model["ref"] / s).read_bytes(), s
+
+
+def _full_gets(hub, shard: str) -> list:
+    return [r for r in hub.requests("GET", "/org/base/resolve/") if r.path.endswith("/" + shard) and r.range is None]
+
+
+def _merge(out: Path, **options):
+    import stream_merge
+
+    return stream_merge.merge("org/base", "org/lora", str(out), device="cpu", **options)
+
+
+def _merge_holding(hub, model: dict, out: Path, name: str, monkeypatch) -> None:
+    """Merge with the first download of shard `name` held at three quarters until the merge has read (and so
+    merged) data of that shard: a merge that waited for whole downloads never gets there and fails."""
+    hold = hub.hold(_after_planning(out, name), after_bytes=model["sizes"][name] * 3 // 4)
+    reads: list[tuple[str, int]] = []
+    real_ready = StreamedShardReader._ready
+
+    def ready(self, start: int, end: int) -> None:
+        real_ready(self, start, end)
+        reads.append((self._stream.file, end))
+
+    monkeypatch.setattr(StreamedShardReader, "_ready", ready)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["report"] = _merge(out)
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        _wait(hold.held.is_set, "the server reached the hold")
+        data_offset = read_header_file(model["base"] / name).data_offset
+        _wait(lambda: any(f == name and end > data_offset + 100_000 for f, end in reads),
+              "a read of the held shard's data while it downloads")
+    finally:
+        hold.released.set()
+        t.join(120)
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    assert "report" in result
+
+
+def test_a_hub_shard_is_merged_while_it_downloads(hub_run, model, tmp_path, monkeypatch, caplog) -> None:
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="stream_merge"):
+        _merge_holding(hub_run, model, out, model["shards"][1], monkeypatch)
+    _same(out, model)
+    assert "could not vouch" not in caplog.text
+    assert all(len(_full_gets(hub_run, s)) == 1 for s in model["shards"])
+
+
+def test_a_corrupt_download_read_while_it_ran_is_merged_again_from_the_good_copy(hub_run, model, tmp_path,
+                                                                                monkeypatch, caplog) -> None:
+    out, name = tmp_path / "out", model["shards"][1]
+    hub_run.corrupt(_after_planning(out, name), times=1, every=4096)
+    with caplog.at_level(logging.WARNING, logger="stream_merge"):
+        _merge_holding(hub_run, model, out, name, monkeypatch)
+    _same(out, model)
+    assert len(_full_gets(hub_run, name)) == 2
+    assert f"{name}: the download of {name} could not vouch" in caplog.text
+
+
+def test_a_resumed_download_answered_from_the_start_still_merges_the_right_bytes(hub_run, model, tmp_path) -> None:
+    """The connection drops mid-shard and the resumed request is answered with the whole file (a proxy that
+    ignores ranges): huggingface_hub truncates its partial file and starts over under our reads."""
+    out, name = tmp_path / "out", model["shards"][2]
+    hub_run.drop(_after_planning(out, name), after_bytes=model["sizes"][name] // 2)
+    hub_run.ignore_range(_after_planning(out, name))
+    _merge(out)
+    _same(out, model)
+
+
+def test_a_download_that_fails_mid_shard_stops_the_merge_naming_it(hub_run, model, tmp_path, monkeypatch) -> None:
+    from stream_merge import hub_errors
+
+    monkeypatch.setattr(hub_errors, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(hub_errors, "RETRY_BUDGET_S", 0.5)
+    out, name = tmp_path / "out", model["shards"][1]
+    first = _after_planning(out, name)
+    seen: list[str] = []
+
+    def later(method: str, path: str) -> bool:  # every request after the one that drops
+        if first(method, path):
+            seen.append(path)
+        return len(seen) > 1 and first(method, path)
+
+    hub_run.drop(first, after_bytes=model["sizes"][name] // 2)
+    hub_run.fail(later, 500, times=None)
+    with pytest.raises(HubError, match=name):
+        _merge(out)
+    assert not (out / name).exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(name) or p.suffix == ".tmp"]
+    assert (out / model["shards"][0]).exists()  # the shard before it is finished and kept
