@@ -123,7 +123,8 @@ def make_moe_inputs(workdir: Path, experts: int, rows: int, cols: int, rank: int
     from safetensors.torch import save_file
 
     from stream_merge.fileio import AtomicFile
-    from stream_merge.safetensors_io import header_bytes, tensor_bytes
+    from stream_merge.safetensors_io import header_bytes
+    from stream_merge.torch_dtypes import tensor_bytes
 
     root = workdir / f"moe-{experts}x{rows}x{cols}-r{rank}"
     base, adapter = root / "base", root / "adapter"

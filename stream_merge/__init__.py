@@ -49,11 +49,11 @@ def merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | list[s
         MergeInterrupted: Ctrl-C / SIGTERM; finished shards are kept for a resume.
     """
     from .config import build_config, load_yaml
-    from .runner import run
+    from .planning import merge_planned
 
     cfg = build_config(load_yaml(config) if config else None, base=str(base), adapters=_paths(adapter),
                        output=None if output is None else str(output), **options)
-    return run(cfg, progress=progress)
+    return merge_planned(cfg, progress=progress)
 
 
 def plan(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | list[str] | tuple[str, ...],
@@ -73,7 +73,7 @@ def plan(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | list[st
         in its `plan` attribute; CompatibilityError with strict=True.
     """
     from .config import build_config
-    from .runner import plan_merge
+    from .planning import plan_merge
 
     cfg = build_config(base=str(base), adapters=_paths(adapter), **options)
     return plan_merge(cfg)[0]

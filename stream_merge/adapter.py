@@ -9,15 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import load_json
 from .errors import InputError, UnsupportedAdapterError
 from .patterns import ModuleSelection, PatternError, compile_patterns
 from .records import AdapterSpec, AdapterTensor, LoraSettings, TensorInfo
-from .safetensors_io import DTYPE_CODES, ShardReader, read_header_file
+from .safetensors_io import ShardReader, read_header_file
+
+if TYPE_CHECKING:  # torch is imported by the first tensor read (or a pickled adapter): planning never needs it
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -206,6 +207,8 @@ def load_adapter(path: Path, *, weight: float = 1.0, allow_pickle: bool = False,
             raise InputError("adapter weights are a pickle (adapter_model.bin), which can run code when loaded",
                              file=str(pick), fix="convert to adapter_model.safetensors, or pass --allow-pickle "
                                                  "(loaded with torch.load(weights_only=True))")
+        from .torch_dtypes import DTYPE_CODES
+
         sd = _load_pickle(pick)
         tensors = tuple(AdapterTensor(k, DTYPE_CODES[v.dtype], tuple(v.shape)) for k, v in sd.items())
         weights_file = pick
@@ -220,6 +223,10 @@ def load_adapter(path: Path, *, weight: float = 1.0, allow_pickle: bool = False,
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    from .torch_dtypes import DTYPE_CODES
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input

@@ -159,7 +159,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan (exit 0), or the plan with its problems and a WILL FAIL verdict (exit 2, like a merge
     that would refuse). Without OUT the free disk space is not measured: `merge --dry-run -o OUT` does."""
     from .plan_report import planned_need
-    from .runner import plan_merge
+    from .planning import plan_merge
 
     cfg = _config(args)
     show = _print_json if args.json else _print_plan
@@ -194,8 +194,8 @@ class _Warnings(logging.Handler):
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .errors import ConfigError
+    from .planning import merge_planned
     from .progress import Reporter
-    from .runner import run
 
     cfg = _config(args)
     if cfg.output is None and not cfg.dry_run:
@@ -206,7 +206,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     warnings = _Warnings()
     logging.getLogger("stream_merge").addHandler(warnings)
     try:
-        report = run(cfg, progress=reporter)
+        report = merge_planned(cfg, progress=reporter)
     finally:
         logging.getLogger("stream_merge").removeHandler(warnings)
         reporter.close()

@@ -20,31 +20,28 @@ from typing import Any
 
 import torch
 
-from .adapter import load_adapter
 from .checkpoint import INDEX_NAME
-from .compat import compatibility_findings
 from .config import MergeConfig, config_from_record, fingerprint_options, recorded_options
-from .errors import CompatibilityError, ConfigError, InputError, OutputError, PlanError, StreamMergeError
+from .errors import ConfigError, InputError, OutputError, StreamMergeError
 from .extras import RECORD_NAME
-from .fileio import file_sha256, owner_is_dead, owner_tag, remove_dead_temps
+from .fileio import file_sha256, owner_is_dead, remove_dead_temps
 from .completion import finalize_output, printable, shipped_files
 from .disk_space import check_disk as _check_disk, planned_disks, short_disk_error
 from .journal import SHARDS_DIR, Journal
 from .locking import out_lock
 from .partition import parse_worker, split
-from .planner import PlanOptions, build_plan
+from .planning import Planned, plan_merge, remove_download_area
 from .platform_support import check_platform, peak_rss_bytes
 from .progress import Progress, watch_downloads, watch_uploads
 from .records import MergePlan, MergeReport, ShardResult
 from .resume import (check_resumable, check_same_merge, fingerprint, inputs_record, journal_result, load_journal_or_record,
                      pending_shards, prepare_journal, read_record, shard_done)
 from .shard_loop import merge_shards
-from .sources import DOWNLOADS_DIR, Source, resolve_source
-from .trained_on import find_trained_on
+from .sources import DOWNLOADS_DIR, Source
 from .worker import Compute, compute_threads, torch_settings
 
 log = logging.getLogger("stream_merge")
-__all__ = ["run", "plan_merge", "finalize", "resolve_device", "peak_rss_bytes"]
+__all__ = ["run", "plan_merge", "finalize", "resolve_device", "peak_rss_bytes"]  # plan_merge: planning's
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,9 +67,6 @@ def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
                               fix="choose an output folder outside the base and adapter folders")
 
 
-def download_area(out: Path) -> Path:
-    """This process's own folder for base shards downloaded from the Hub (workers sharing OUT never share one)."""
-    return out / DOWNLOADS_DIR / owner_tag()
 
 
 def _remove_dead_leftovers(out: Path) -> None:
@@ -89,42 +83,8 @@ def _remove_dead_leftovers(out: Path) -> None:
         log.info("removed what killed runs left: %s", ", ".join(removed))
 
 
-def remove_download_area(out: Path) -> None:
-    """Remove this process's download area in OUT, and the downloads folder once no other area is in it."""
-    area = download_area(out)
-    if area.exists():
-        shutil.rmtree(area, ignore_errors=True)
-    try:
-        (out / DOWNLOADS_DIR).rmdir()  # only when no other worker's area is in it
-    except OSError:
-        pass
 
 
-def plan_merge(cfg: MergeConfig) -> tuple[MergePlan, Source, list[Source], list[str]]:
-    """Resolve the inputs and build the plan; no writes. Raises PlanError listing every problem."""
-    out = Path(cfg.output).expanduser() if cfg.output else None  # a dry run measures the download area's disk
-    base_src = resolve_source(cfg.base, "BASE", token=cfg.token, keep_downloads=cfg.keep_downloads,
-                              download_dir=None if out is None else download_area(out))
-    adapter_srcs = [resolve_source(a, "ADAPTER", token=cfg.token) for a in cfg.adapters]
-    base = base_src.base_index(cfg.base, allow_pickle=cfg.allow_pickle)
-    specs = [load_adapter(src.folder(), weight=w, allow_pickle=cfg.allow_pickle, label=src.spec)
-             for src, w in zip(adapter_srcs, cfg.adapter_weights)]
-    plan = build_plan(base, specs, PlanOptions(key_map=cfg.key_map, strict=cfg.strict, untie=cfg.untie,
-                                                 dequantize=cfg.dequantize, dtype=cfg.dtype,
-                                                 max_shard_size=cfg.max_shard_size))
-    findings: list[str] = []
-    for spec in specs:  # configs compared, not names: a renamed local copy of the same model is the same model
-        trained_on = find_trained_on(Path(spec.path), spec.raw_config)
-        findings += compatibility_findings(base, spec, trained_on, plan.config_updates.get("vocab_size"))
-    if plan.problems:
-        raise PlanError(plan.problems, plan=plan)
-    if findings and cfg.strict:
-        error = CompatibilityError("; ".join(findings), fix="check you picked the right base, or drop --strict")
-        error.plan = plan
-        raise error
-    for w in list(plan.warnings) + findings:
-        log.warning("%s", w)
-    return plan, base_src, adapter_srcs, findings
 
 
 @dataclass
@@ -291,10 +251,11 @@ def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: li
                      fingerprint(plan, inputs, fingerprint_options(cfg, device.type)), mine)
 
 
-def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
+def run(cfg: MergeConfig, progress: bool | Progress = False, planned: Planned | None = None) -> MergeReport:
     """Run a merge (or only plan it with `cfg.dry_run`).
 
-    Args: cfg, the merge configuration; progress, True for a progress bar, a callback(bytes, shard), or False.
+    Args: cfg, the merge configuration; progress, True for a progress bar, a callback(bytes, shard), or False;
+    planned, `planning.plan_merge(cfg)` when the caller planned already (`planning.merge_planned`).
     Returns the MergeReport (`pending` lists shards left to other `--worker` runs).
     Raises StreamMergeError subclasses: PlanError (every plan problem at once), ConfigError, OutputError (OUT
     holds another merge, foreign files, changed inputs, no disk space), MergeInterrupted.
@@ -302,7 +263,7 @@ def run(cfg: MergeConfig, progress: bool | Progress = False) -> MergeReport:
     t0 = time.perf_counter()
     if not cfg.dry_run and cfg.output is not None:
         check_platform()
-    plan, base_src, adapter_srcs, findings = plan_merge(cfg)
+    plan, base_src, adapter_srcs, findings = planned if planned is not None else plan_merge(cfg)
     if cfg.dry_run or cfg.output is None:
         return _dry_run(cfg, plan, base_src, adapter_srcs, t0)
     job, complete, pending = None, False, []

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointFormatError
 
@@ -28,15 +28,11 @@ except ImportError:  # Windows: no leases (and merges are refused there at start
     fcntl = None  # type: ignore[assignment]
 from .records import DTYPE_BITS, DTYPE_SIZES, ShardHeader, TensorInfo, numel, tensor_nbytes
 
+if TYPE_CHECKING:  # torch is imported by the first tensor read: planning (headers) never needs it
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
-TORCH_DTYPES: Mapping[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-DTYPE_CODES: Mapping[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 def _sniff(head: bytes) -> str | None:
@@ -278,6 +274,10 @@ class ShardReader:
 
     def read_rows(self, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) of a tensor (along dim 0) as a new CPU tensor of its dtype."""
+        import torch
+
+        from .torch_dtypes import TORCH_DTYPES
+
         row_elems = numel(info.shape[1:])
         itemsize = DTYPE_SIZES[info.dtype]
         buf = bytearray((r1 - r0) * row_elems * itemsize)
@@ -314,11 +314,3 @@ def unmap(view: memoryview) -> None:
     except BufferError:
         pass
 
-
-def tensor_bytes(t: torch.Tensor) -> bytearray:
-    """A tensor's raw little-endian bytes in a fresh buffer (no numpy needed, works for bf16/fp8)."""
-    flat = t.contiguous().reshape(-1).view(torch.uint8)
-    buf = bytearray(flat.numel())
-    if buf:
-        torch.frombuffer(buf, dtype=torch.uint8).copy_(flat)
-    return buf

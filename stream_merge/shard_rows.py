@@ -16,7 +16,8 @@ import torch
 
 from .errors import CheckpointFormatError
 from .records import DTYPE_SIZES, ShardHeader, TensorInfo, numel
-from .safetensors_io import TORCH_DTYPES, read_header_file
+from .safetensors_io import read_header_file
+from .torch_dtypes import TORCH_DTYPES
 
 ReadRange = Callable[[str, int, int], bytes]  # (file, start, end) -> bytes [start, end) of that file
 

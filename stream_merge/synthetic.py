@@ -15,7 +15,8 @@ import torch
 
 from .records import DTYPE_SIZES, numel
 from .fileio import AtomicFile, write_file_atomic
-from .safetensors_io import TORCH_DTYPES, header_bytes, tensor_bytes
+from .safetensors_io import header_bytes
+from .torch_dtypes import TORCH_DTYPES, tensor_bytes
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -25,7 +25,8 @@ from .lora import expert_blocks, row_blocks
 from .recipes import (Factor, Recipe, add_delta, add_rounded_delta, choose_recipe, dora_rows, fp8_encode, fp8_merge,
                       one_delta, replace_rows, sum_delta)
 from .records import DTYPE_SIZES, TensorInfo, TensorPlan, numel
-from .safetensors_io import TORCH_DTYPES, ShardReader, unmap
+from .safetensors_io import ShardReader, unmap
+from .torch_dtypes import TORCH_DTYPES
 from .shard_rows import OtherShards
 
 # (shard file or None for the shard being merged, tensor, r0, r1) -> rows

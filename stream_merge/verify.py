@@ -147,7 +147,7 @@ def _recorded_inputs(record: dict[str, Any], out: Path, full: bool) -> Iterator[
     """The plan rebuilt from the recorded inputs, and the base's source (a Hub base downloads into OUT's
     download area with `full`; the downloads are removed on exit)."""
     from .config import config_from_record
-    from .runner import plan_merge, remove_download_area
+    from .planning import plan_merge, remove_download_area
 
     cfg = config_from_record(record["inputs"], record.get("options", {}), str(out) if full else None)
     plan, base_src, adapter_srcs, _ = plan_merge(cfg)

@@ -144,13 +144,13 @@ def test_merge_help_ends_with_two_examples() -> None:
 
 
 def test_plan_with_problems_plans_once(pair: tuple[Path, Path], monkeypatch, capsys) -> None:
-    from stream_merge import cli, runner
+    from stream_merge import cli, planning
 
     base, adapter = pair
     edit_json(adapter / "adapter_config.json", r=8)
     calls = []
-    real = runner.plan_merge
-    monkeypatch.setattr(runner, "plan_merge", lambda cfg: calls.append(cfg) or real(cfg))
+    real = planning.plan_merge
+    monkeypatch.setattr(planning, "plan_merge", lambda cfg: calls.append(cfg) or real(cfg))
     assert cli.main(["plan", str(base), str(adapter), "--json"]) == 2
     shown = json.loads(capsys.readouterr().out)
     assert len(calls) == 1 and len(shown["problems"]) == 14

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from stream_merge.errors import CheckpointFormatError
 from stream_merge.fileio import AtomicFile
-from stream_merge.safetensors_io import ShardReader, header_bytes, read_header_file, tensor_bytes
+from stream_merge.safetensors_io import ShardReader, header_bytes, read_header_file
+from stream_merge.torch_dtypes import tensor_bytes
 
 
 def _tensors() -> dict[str, torch.Tensor]:
