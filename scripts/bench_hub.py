@@ -167,10 +167,21 @@ class Watch:
         self._thread.join()
 
 
-def run_child(cmd: list[str], env: dict[str, str], watch: Watch | None = None, kill_when: Any = None
-              ) -> dict[str, Any]:
-    """Run `cmd`; returns wall seconds, exit code, peak RSS (ru_maxrss) and whether it was killed."""
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(cmd: list[str], env: dict[str, str], watch: Watch | None = None, kill_when: Any = None,
+              server_pid: int | None = None) -> dict[str, Any]:
+    """Run `cmd`; returns wall seconds, exit code, peak RSS (ru_maxrss), CPU seconds (its own and, with
+    `server_pid`, the test server's meanwhile: both share this machine's cores) and whether it was killed."""
     t0 = time.time()
+    server_cpu0 = proc_cpu_s(server_pid) if server_pid else 0.0
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
@@ -189,7 +200,10 @@ def run_child(cmd: list[str], env: dict[str, str], watch: Watch | None = None, k
     if watch is not None:
         watch.stop()
     res = {"wall_s": round(time.time() - t0, 2), "t0": t0, "t1": time.time(), "rc": proc.returncode,
-           "peak_rss_bytes": usage.ru_maxrss * 1024, "killed": killed}
+           "peak_rss_bytes": usage.ru_maxrss * 1024, "killed": killed,
+           "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
+    if server_pid:
+        res["server_cpu_s"] = round(proc_cpu_s(server_pid) - server_cpu0, 2)
     if watch is not None:
         res["peak_disk_bytes"] = watch.peak_disk
         res["peak_download_area_bytes"] = watch.peak_scratch
@@ -287,13 +301,14 @@ def baselines(args: argparse.Namespace, server: Server, work: Path, size: int) -
         shutil.rmtree(p, ignore_errors=True)
     env = hub_env(server.endpoint, home)
     dl = run_child([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download as s; "
-                    f"s({BASE!r}, local_dir=sys.argv[1])", str(snap)], env)
+                    f"s({BASE!r}, local_dir=sys.argv[1])", str(snap)], env, server_pid=server.proc.pid)
     ul = run_child([sys.executable, "-c", "import sys; from huggingface_hub import HfApi; a = HfApi(); "
                     f"a.create_repo({UPLOAD!r}, exist_ok=True); a.upload_folder(repo_id={UPLOAD!r}, "
-                    "folder_path=sys.argv[1])", str(snap)], env)
+                    "folder_path=sys.argv[1])", str(snap)], env, server_pid=server.proc.pid)
     shutil.rmtree(snap, ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)
-    return {"kind": "measured", "t_dl_s": dl["wall_s"], "t_ul_s": ul["wall_s"]}
+    return {"kind": "measured", "t_dl_s": dl["wall_s"], "t_ul_s": ul["wall_s"], "dl_cpu_s": dl["cpu_s"],
+            "ul_cpu_s": ul["cpu_s"], "dl_server_cpu_s": dl["server_cpu_s"], "ul_server_cpu_s": ul["server_cpu_s"]}
 
 
 def hub_to_local(args: argparse.Namespace, server: Server, work: Path, adapter: Path) -> dict[str, Any]:
@@ -301,7 +316,7 @@ def hub_to_local(args: argparse.Namespace, server: Server, work: Path, adapter: 
     for p in (out, home):
         shutil.rmtree(p, ignore_errors=True)
     res = run_child(merge_cmd(adapter, out, args.prefetch), hub_env(server.endpoint, home),
-                    Watch([out, home], out))
+                    Watch([out, home], out), server_pid=server.proc.pid)
     res["breakdown"] = breakdown(server.events(), [res], min_get=1 << 20)
     return res
 
@@ -319,14 +334,17 @@ def hub_to_hub(args: argparse.Namespace, server: Server, work: Path, adapter: Pa
             n = sum(len(e["files"]) for e in server.events() if e["ev"] == "commit" and e["repo"] == MERGED)
             return n >= args.kill_after_shards
 
-        runs.append(run_child(cmd, env, Watch([out, home], out), kill_when=pushed_enough))
+        runs.append(run_child(cmd, env, Watch([out, home], out), kill_when=pushed_enough,
+                              server_pid=server.proc.pid))
         kill_t = runs[-1]["t1"]
-    runs.append(run_child(cmd, env, Watch([out, home], out)))
+    runs.append(run_child(cmd, env, Watch([out, home], out), server_pid=server.proc.pid))
     events = server.events()
     res: dict[str, Any] = {"wall_s": round(sum(r["wall_s"] for r in runs), 2), "runs": runs,
                            "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs),
                            "peak_download_area_bytes": max(r["peak_download_area_bytes"] for r in runs),
                            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+                           "cpu_s": round(sum(r["cpu_s"] for r in runs), 2),
+                           "server_cpu_s": round(sum(r["server_cpu_s"] for r in runs), 2),
                            "breakdown": breakdown(events, runs, min_get=1 << 20)}
     if kill_t is not None:
         res["resume"] = no_redo(events, kill_t, min_get=1 << 20) | {"killed": runs[0]["killed"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointFormatError
-from .records import ShardHeader
+from .records import ShardHeader, ShardPlan
 from .safetensors_io import ShardReader
 
 if TYPE_CHECKING:
@@ -111,3 +111,16 @@ class Readers:
 def as_readers(source: "ShardReader | Readers") -> Readers:
     """A `Readers` for either form callers hand in (one reader for a one-input shard, or readers)."""
     return source if isinstance(source, Readers) else Readers.wrap(source)
+
+
+def last_readers(todo: Sequence["ShardPlan"]) -> dict[str, list[str]]:
+    """output shard -> the base shards that no later output shard of `todo` reads: released (a downloaded
+    Hub shard deleted) once that output is committed."""
+    last: dict[str, str] = {}
+    for shard in todo:
+        for file in shard.inputs:
+            last[file] = shard.file
+    release: dict[str, list[str]] = {}
+    for file, output in last.items():
+        release.setdefault(output, []).append(file)
+    return release

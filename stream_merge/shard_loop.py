@@ -19,7 +19,7 @@ from .interrupts import check as check_interrupt
 from .journal import Journal
 from .progress import Progress, progress_callback
 from .records import MergePlan, ShardPlan, ShardResult
-from .shard_inputs import Readers
+from .shard_inputs import Readers, last_readers
 from .shard_rows import OtherShards
 from .sources import Source
 from .worker import Compute, frozen_gc, publish, write_shard
@@ -88,17 +88,6 @@ def _merge_one(plan: MergePlan, shard: ShardPlan, base: Source, out: Path, adapt
         return write_shard(shard, readers, adapters, out / shard.file, compute, lambda n: None, checksum, others)
 
 
-def last_readers(todo: Sequence[ShardPlan]) -> dict[str, list[str]]:
-    """output shard -> the base shards that no later output shard of `todo` reads: released (a downloaded
-    Hub shard deleted) once that output is committed."""
-    last: dict[str, str] = {}
-    for shard in todo:
-        for file in shard.inputs:
-            last[file] = shard.file
-    release: dict[str, list[str]] = {}
-    for file, output in last.items():
-        release.setdefault(output, []).append(file)
-    return release
 
 
 def merge_shards(plan: MergePlan, base: Source, out: Path, journal: Journal, done: dict[str, ShardResult],

@@ -40,7 +40,7 @@ from .progress import Progress, phase_callback, watch_downloads
 from .pipeline import shard_chunks
 from .records import MergePlan, ShardHeader
 from .safetensors_io import read_header_file
-from .shard_inputs import Readers
+from .shard_inputs import Readers, last_readers
 from .sources import Source
 
 VERIFY_DEVICE = "cpu"  # where verify recomputes
@@ -161,8 +161,9 @@ def _recorded_inputs(record: dict[str, Any], out: Path, full: bool) -> Iterator[
 
 
 def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: ShardHeader | None,
-             report: VerifyReport, on_bytes: Progress) -> None:
-    """Regenerate `file` from the inputs and compare it byte for byte, naming the first differing tensor."""
+             report: VerifyReport, on_bytes: Progress, release: Sequence[str]) -> None:
+    """Regenerate `file` from the inputs and compare it byte for byte, naming the first differing tensor;
+    then release the base shards in `release` (no later recomputed shard reads them)."""
     shard = next(s for s in plan.shards if s.file == file)
     headers = {h.file: h for h in plan.base.shards}
     adapters = [AdapterReader(spec) for spec in plan.adapters]
@@ -183,7 +184,7 @@ def _compare(out: Path, plan: MergePlan, base_src: Source, file: str, header: Sh
     finally:
         for a in adapters:
             a.close()
-        for b in shard.inputs:
+        for b in release:
             base_src.release(b)
     report.recomputed.append(file)
 
@@ -276,12 +277,15 @@ def _recompute(out: Path, record: dict[str, Any], todo: Sequence[str], no_checks
             if full:
                 watch_downloads(progress, base_src, dict.fromkeys(b for s in plan.shards if s.file in todo
                                                                   for b in s.inputs))
+            shards = {s.file: s for s in plan.shards}
+            if not full:  # only what can be read without downloading
+                missing = {f for f in todo if not all(base_src.available(b) for b in shards[f].inputs)}
+                report.skip([f for f in todo if f in missing and f in no_checksum],
+                            "the base shard is not in the HF cache (`verify --full` downloads it)")
+                todo = [f for f in todo if f not in missing]
+            release = last_readers([shards[f] for f in todo])  # a base shard two outputs read: downloaded once
             for file in todo:
-                if not full and not base_src.available(file):
-                    report.skip([file] if file in no_checksum else [],
-                                "the base shard is not in the HF cache (`verify --full` downloads it)")
-                    continue
-                _compare(out, plan, base_src, file, headers.get(file), report, on_bytes)
+                _compare(out, plan, base_src, file, headers.get(file), report, on_bytes, release.get(file, ()))
     except StreamMergeError as exc:
         if isinstance(exc, VerificationError):
             raise

@@ -348,12 +348,19 @@ def test_hub_base_inputs_are_fetched_once_and_released(hub, tmp_path: Path) -> N
         assert sorted(p.name for p in out.glob("*.safetensors")) == outputs and len(outputs) != len(base_shards)
         for f in [*outputs, INDEX]:
             assert (out / f).read_bytes() == (ref / f).read_bytes(), f
-        for s in base_shards:  # each input downloaded once, though several output shards read it
-            gets = [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith("/" + s)
-                    and q.range is None]
-            assert len(gets) == 1, (s, len(gets))
+        _each_base_shard_fetched_once(hub, base_shards)
         assert not (out / ".stream-merge-downloads").exists() or not any(
             (out / ".stream-merge-downloads").rglob("*.safetensors"))
+        hub.clear_log()  # verify --full recomputes from the Hub: the same inputs, fetched once too
+        r = _hub_cli(hub, tmp_path, "verify", out, "--full")
+        assert r.returncode == 0 and "recomputed" in r.stdout, r.stdout + r.stderr
+        _each_base_shard_fetched_once(hub, base_shards)
+
+
+def _each_base_shard_fetched_once(hub, base_shards: list[str]) -> None:  # type: ignore[no-untyped-def]
+    for s in base_shards:  # each input downloaded once, though several output shards read it
+        gets = [q for q in hub.requests("GET", "/org/base/resolve/") if q.path.endswith("/" + s) and q.range is None]
+        assert len(gets) == 1, (s, len(gets))
 
 
 # ---------------------------------------------------------------------------------------------- memory
