@@ -5,17 +5,14 @@ Mixtral checkpoints on the Hub keep one 2-D tensor per expert and projection
 `block_sparse_moe.gate.weight` (experts x hidden); transformers v5 fuses the experts only in memory and still
 saves this layout. The tensor order is the module's registration order (attention, router, experts, norms),
 which is what `save_pretrained` walks when huggingface_hub cuts the state dict into shards
-(`hf_split`). The shape plugs into `synthetic.write_checkpoint` / `write_adapter` and the procedural Hub
-repos like a `LlamaShape`.
+(`plan_layout.split_sizes` at HF_MAX_SHARD_BYTES). The shape plugs into `synthetic.write_checkpoint` /
+`write_adapter` and the procedural Hub repos like a `LlamaShape`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .plan_layout import shard_name, split_sizes
-from .records import DTYPE_SIZES, numel
 from .synthetic import LlamaShape
 
 # A LoRA on attention and every expert's three projections (the router `gate` is left alone), as
@@ -63,11 +60,3 @@ class MixtralShape(LlamaShape):
 MIXTRAL_8X22B = MixtralShape(hidden=6144, intermediate=16384, layers=56, vocab=32768, heads=48, kv_heads=8,
                              experts=8, experts_per_tok=2)
 
-
-def hf_split(tensors: Sequence[tuple[str, Sequence[int]]], dtype: str,
-             max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    """Shard file name -> its tensors, cut in order by huggingface_hub's greedy rule at `max_shard_bytes`
-    (`split_torch_state_dict_into_shards`, as `save_pretrained` names and fills the files)."""
-    items = [(name, tuple(int(d) for d in shape)) for name, shape in tensors]
-    groups = split_sizes([numel(shape) * DTYPE_SIZES[dtype] for _, shape in items], max_shard_bytes)
-    return {shard_name(k, len(groups)): [items[j] for j in group] for k, group in enumerate(groups, start=1)}

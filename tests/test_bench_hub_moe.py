@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stream_merge.synthetic_moe import HF_MAX_SHARD_BYTES, MIXTRAL_8X22B, MixtralShape, hf_split
+from stream_merge.synthetic_moe import HF_MAX_SHARD_BYTES, MIXTRAL_8X22B, MixtralShape
 
-from tests.hub_procedural import ProceduralRepo
+from tests.hub_procedural import ProceduralRepo, make_spec
 from tests.oracle import lora_delta, merge_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,17 +58,20 @@ def test_mixtral8x22b_is_the_hub_checkpoint_layout() -> None:
             cfg["torch_dtype"]) == (6144, 16384, 56, 48, 8, 32768, 8, 2, "bfloat16")
 
 
-def test_hf_split_is_huggingface_hubs_rule() -> None:
-    """Our cut equals huggingface_hub's own splitter on the same sizes (the real model and a tiny one with a
-    tensor over the limit)."""
+def test_greedy_cut_is_huggingface_hubs_rule() -> None:
+    """The procedural repo's cut equals huggingface_hub's own splitter on the same sizes (the real model, and a
+    tiny one whose limit is below a tensor's size: that tensor gets a shard of its own)."""
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
 
-    for shape, limit in [(MIXTRAL_8X22B, HF_MAX_SHARD_BYTES), (MixtralShape(64, 128, 2, 256, 4, 2, experts=4), 20_000)]:
+    tiny = MixtralShape(64, 128, 2, 256, 4, 2, experts=4)
+    for shape, limit in [(MIXTRAL_8X22B, HF_MAX_SHARD_BYTES), (tiny, 20_000)]:
         sizes = {n: torch.Size(s).numel() * 2 for n, s in shape.tensors()}
         theirs = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda n: n, max_shard_size=limit,
                                                       filename_pattern="model{suffix}.safetensors")
-        ours = {f: [n for n, _ in entries] for f, entries in hf_split(shape.tensors(), "BF16", limit).items()}
-        assert ours == theirs.filename_to_tensors
+        spec = make_spec(shape.tensors(), "BF16", 0, shape.config("BF16"), max_shard_bytes=limit)
+        assert {f: [n for n, _ in entries] for f, entries in spec["files"].items()} == theirs.filename_to_tensors
+    assert bench_hub.spec_for("mixtral8x22b")["files"] == make_spec(MIXTRAL_8X22B.tensors(), "BF16", 0, {},
+                                                                     max_shard_bytes=HF_MAX_SHARD_BYTES)["files"]
 
 
 def test_layers_slices_the_moe_shape_like_the_others() -> None:
@@ -108,8 +111,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_bench_hub_tiny_moe_end_to_end(tmp_path: Path) -> None:
     """The script's small path on the tiny MoE shape through the throttled procedural server: Hub -> local
     changes exactly the targeted tensors (every expert's w1/w2/w3 and q/k/v/o), each into
-    (W.float() + B @ A * alpha / r).to(bf16) with its own pair; the router, norms, embeddings and head are byte-identical; Hub -> Hub pushed the same
-    bytes (the sha256 of every pushed shard equals the local output's)."""
+    (W.float() + B @ A * alpha / r).to(bf16) with its own pair; the router, norms, embeddings and head are
+    byte-identical; Hub -> Hub pushed the same bytes (the sha256 of every pushed shard equals the local output's)."""
     out = tmp_path / "result.json"
     work, cache = tmp_path / "work", tmp_path / "cache"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hub.py"), "--shape", "tiny-moe",
