@@ -19,6 +19,7 @@ Reported: wall times, ratios (merge / T_dl, hub2hub / max(T_dl, T_ul)), peak dis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,31 +30,56 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from hub_procedural import ProceduralRepo, make_spec, parse_rate, spec_key  # noqa: E402
 
-from stream_merge.synthetic import LlamaShape, shape_for_size, write_adapter  # noqa: E402
+from stream_merge.synthetic import LORA_TARGETS, LlamaShape, shape_for_size, write_adapter  # noqa: E402
+from stream_merge.synthetic_moe import (HF_MAX_SHARD_BYTES, MIXTRAL_8X22B, MIXTRAL_LORA_TARGETS,  # noqa: E402
+                                        MixtralShape)
 
-SHAPES: dict[str, tuple[LlamaShape, int]] = {  # name -> (shape, shard count)
-    "tiny": (LlamaShape(512, 1376, 12, 8000, 8, 8), 6),
-    "4.5gb": (shape_for_size(int(4.5e9), LlamaShape(4096, 11008, 1, 32000, 32, 32)), 8),
-    "llama70b": (LlamaShape(8192, 28672, 80, 128256, 64, 8), 30),
+
+class BenchShape(NamedTuple):
+    """A benchmark model: its shape, how its files are cut, and the adapter's `target_modules`."""
+
+    shape: LlamaShape
+    shards: int = 0  # this many files of about equal size (scaled with --layers) ...
+    max_shard_bytes: int | None = None  # ... or huggingface_hub's greedy split, as save_pretrained cuts them
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+SHAPES: dict[str, BenchShape] = {
+    "tiny": BenchShape(LlamaShape(512, 1376, 12, 8000, 8, 8), 6),
+    "4.5gb": BenchShape(shape_for_size(int(4.5e9), LlamaShape(4096, 11008, 1, 32000, 32, 32)), 8),
+    "llama70b": BenchShape(LlamaShape(8192, 28672, 80, 128256, 64, 8), 30),
+    # Mixtral-8x22B-v0.1 as stored on the Hub: 281 GB in 59 shards of <= 5 GB (a layer's 24 experts are 4.8 GB)
+    "mixtral8x22b": BenchShape(MIXTRAL_8X22B, max_shard_bytes=HF_MAX_SHARD_BYTES, targets=MIXTRAL_LORA_TARGETS),
+    # the same layout, tiny (CI): 4 experts, 2 layers, several shards, a layer's experts across shard bounds
+    "tiny-moe": BenchShape(MixtralShape(64, 128, 2, 256, 4, 2, experts=4), max_shard_bytes=100_000,
+                           targets=MIXTRAL_LORA_TARGETS),
 }
 BASE, MERGED, UPLOAD = "bench/base", "bench/merged", "bench/upload-baseline"
 TMP_PREFIX = ".stream-merge-tmp."
 DOWNLOADS = ".stream-merge-downloads"
 
 
+def shape_for(shape_name: str, layers: int | None = None) -> LlamaShape:
+    """The shape, or a slice of the model: its first `layers` layers."""
+    shape = SHAPES[shape_name].shape
+    return shape if layers is None else dataclasses.replace(shape, layers=layers)
+
+
 def spec_for(shape_name: str, layers: int | None = None) -> dict[str, Any]:
-    shape, shards = SHAPES[shape_name]
-    if layers is not None:  # a slice of the model: the first `layers` layers (shards scaled to match)
-        shards = max(1, round(shards * layers / shape.layers))
-        shape = LlamaShape(shape.hidden, shape.intermediate, layers, shape.vocab, shape.heads, shape.kv_heads)
-    return make_spec(shape.tensors(), "BF16", shards, shape.config("BF16")) | {"shape": shape.__dict__}
+    bench = SHAPES[shape_name]
+    shape = shape_for(shape_name, layers)
+    shards = bench.shards
+    if layers is not None:  # a slice of the model: shards scaled to match (a greedy split cuts it as it is)
+        shards = max(1, round(shards * layers / bench.shape.layers))
+    return make_spec(shape.tensors(), "BF16", shards, shape.config("BF16"), max_shard_bytes=bench.max_shard_bytes
+                     ) | {"shape": shape.__dict__}
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -363,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     spec = spec_for(args.shape, args.layers)
-    shape = LlamaShape(**spec["shape"])
+    shape = shape_for(args.shape, args.layers)
     work = args.work or Path("/tmp") / f"bench-hub-{args.shape}"
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "spec.json"
@@ -373,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = args.cache / f"adapter-{spec_key(spec)}"
     if not (adapter / "adapter_config.json").is_file():
         shutil.rmtree(adapter, ignore_errors=True)
-        write_adapter(adapter.with_suffix(".tmp"), shape, r=16)
+        write_adapter(adapter.with_suffix(".tmp"), shape, r=16, targets=SHAPES[args.shape].targets)
         os.replace(adapter.with_suffix(".tmp"), adapter)
     result: dict[str, Any] = {
         "shape": args.shape, "layers": shape.layers, "base_bytes": repo.nbytes, "shards": len(names),

@@ -1,4 +1,4 @@
-"""Procedural Hub repos: a Llama-shaped safetensors checkpoint of any size whose bytes are made on demand.
+"""Procedural Hub repos: a Llama- or Mixtral-shaped safetensors checkpoint of any size, bytes made on demand.
 
 A repo is described by a small JSON spec (tensor names and shapes, dtype, shard count, config.json); every byte
 of a shard is a function of (file, offset): a valid safetensors header, then the tensors' data, tiled from one
@@ -58,11 +58,20 @@ def parse_rate(text: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ the spec
 def make_spec(tensors: Sequence[tuple[str, Sequence[int]]], dtype: str, shards: int, config: dict[str, Any],
-              seed: int = 0) -> dict[str, Any]:
-    """A repo spec: tensors in file order, split into `shards` files of about equal size."""
+              seed: int = 0, max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """A repo spec: tensors in file order, split into `shards` files of about equal size, or, with
+    `max_shard_bytes`, cut the way `save_pretrained` cuts a checkpoint (huggingface_hub's greedy rule and names;
+    `shards` is then ignored)."""
     if dtype not in ITEM_SIZES:
         raise ValueError(f"dtype {dtype} is not one of {sorted(ITEM_SIZES)}")
     sizes = [_numel(s) * ITEM_SIZES[dtype] for _, s in tensors]
+    if max_shard_bytes is not None:
+        from stream_merge.plan_layout import shard_name, split_sizes  # pure and torch-free
+
+        cut = split_sizes(sizes, max_shard_bytes)
+        files = {shard_name(i, len(cut)): [[tensors[j][0], list(tensors[j][1])] for j in group]
+                 for i, group in enumerate(cut, start=1)}
+        return {"version": SPEC_VERSION, "dtype": dtype, "seed": seed, "files": files, "config": config}
     total = sum(sizes)
     groups: list[list[list[Any]]] = [[] for _ in range(max(1, shards))]
     pos = 0
