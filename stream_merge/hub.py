@@ -73,7 +73,6 @@ class HubSource(ShardDownloads):
         self.download_dir = download_dir
         self.keep_downloads = keep_downloads
         self._init_downloads()
-        self.arrivals = None  # download progress (`progress.watch_downloads`)
 
     # ------------------------------------------------------------------ opening
     @classmethod

@@ -23,7 +23,7 @@ from .hub_cache import (HF_LOCAL_DIR_META, RemoteFile, digest_matches, drop_stal
                         repo_cache_dir)
 from .hub_follow import PartialFollower
 from .hub_stream import ShardStream, StreamedShardReader
-from .progress import Arrivals
+from .progress import Arrivals, counting_bar
 from .records import ShardHeader
 from .safetensors_io import ShardReader
 
@@ -49,7 +49,6 @@ class ShardDownloads:
     offline: bool
     download_dir: Path | None
     keep_downloads: bool
-    arrivals: Arrivals | None
 
     def _init_downloads(self) -> None:
         self._lock = threading.Lock()
@@ -57,6 +56,39 @@ class ShardDownloads:
         self._streams: dict[str, ShardStream] = {}
         self._ours: dict[str, Path] = {}  # shards we downloaded into download_dir: deleted on release
         self._queue: queue.Queue[tuple[str, Future[Path]] | None] | None = None
+        self._arrival_lock = threading.Lock()
+        self._arrivals: Arrivals | None = None
+        self._arrived: dict[str, int] = {}  # bytes of each download so far, reported or not
+        self._complete: list[str] = []      # downloads finished and checked
+
+    @property
+    def arrivals(self) -> Arrivals | None:
+        """Where download bytes are reported (`progress.watch_downloads`), or None."""
+        return self._arrivals
+
+    @arrivals.setter
+    def arrivals(self, watcher: Arrivals | None) -> None:
+        """Report to `watcher` from now on, and first what arrived before it existed (the first shard may start
+        downloading while planning ends, before there is a progress display: `planning.merge_planned`)."""
+        with self._arrival_lock:
+            self._arrivals = watcher
+            if watcher is not None:
+                for name, n in self._arrived.items():
+                    watcher.add(name, n)
+                for name in self._complete:
+                    watcher.finish(name)
+
+    def _arrive(self, name: str, n: int = 0, complete: bool = False) -> None:
+        with self._arrival_lock:
+            if complete:
+                self._complete.append(name)
+            else:
+                self._arrived[name] = self._arrived.get(name, 0) + n
+            if self._arrivals is not None:
+                if complete:
+                    self._arrivals.finish(name)
+                else:
+                    self._arrivals.add(name, n)
 
     def _call(self, fn: Callable[[], T], file: str | None = None) -> T:
         raise NotImplementedError
@@ -202,8 +234,7 @@ class ShardDownloads:
             if ok:
                 if stream is not None:
                     stream.verified(follower)
-                if self.arrivals is not None:
-                    self.arrivals.finish(name)
+                self._arrive(name, complete=True)
                 return path
             log.warning("%s from %s does not match the Hub's checksum (%s); downloading it again", name,
                         self.repo_id, got[:16])
@@ -227,7 +258,7 @@ class ShardDownloads:
     def _download(self, name: str, local_dir: Path | None, force: bool) -> Path:
         kwargs: dict[str, Any] = dict(revision=self.revision, token=self.token, force_download=force)
         if _quiet_bar is not None:
-            kwargs["tqdm_class"] = _quiet_bar if self.arrivals is None else self.arrivals.bar(name, _quiet_bar)
+            kwargs["tqdm_class"] = counting_bar(_quiet_bar, lambda n: self._arrive(name, n))
         if local_dir is not None:
             kwargs["local_dir"] = local_dir
         log.info("downloading %s from %s", name, self.repo_id)

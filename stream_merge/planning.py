@@ -8,17 +8,19 @@ part of its time, and planning a Hub base is mostly waiting for the network.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .adapter import load_adapter
 from .compat import compatibility_findings
 from .config import MergeConfig
-from .errors import CompatibilityError, PlanError
+from .errors import CompatibilityError, OutputError, PlanError, StreamMergeError
 from .fileio import owner_tag
 from .planner import PlanOptions, build_plan
 from .platform_support import check_platform
@@ -72,19 +74,70 @@ def plan_merge(cfg: MergeConfig) -> Planned:
     return plan, base_src, adapter_srcs, findings
 
 
+def check_output_location(out: Path, base_src: Source, adapter_srcs: Sequence[Source]) -> None:
+    """Refuse an output folder that overlaps an input (the base, an adapter, or the HF cache of a Hub input)."""
+    o = out.resolve()
+    for src in [base_src, *adapter_srcs]:
+        p = src.protected
+        if p is None:
+            continue
+        p = p.resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise OutputError(f"output folder {str(out)!r} overlaps input {str(p)!r}", file=str(out),
+                              fix="choose an output folder outside the base and adapter folders")
+
+
 def merge_planned(cfg: MergeConfig, progress: Any = False) -> MergeReport:
     """`runner.run(cfg)`, with the runner (torch) imported on a thread while the inputs are resolved and planned."""
     if not cfg.dry_run and cfg.output is not None:
         check_platform()
     loader = threading.Thread(target=_import_runner, name="stream-merge-import", daemon=True)
     loader.start()
+    out = Path(cfg.output).expanduser() if cfg.output else None
+    fresh = out is not None and not out.exists()
+    early = False
     try:
         planned = plan_merge(cfg)
+        early = _start_first_download(cfg, planned)
     finally:
         loader.join()  # also on a plan error: a process never exits while a thread imports torch
     from .runner import run
 
-    return run(cfg, progress, planned=planned)
+    try:
+        return run(cfg, progress, planned=planned)
+    except BaseException:
+        if early and out is not None:  # refused before it merged: leave no trace of the early download
+            remove_download_area(out)
+            if fresh:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if nothing else is in it
+        raise
+
+
+def _start_first_download(cfg: MergeConfig, planned: Planned) -> bool:
+    """Start downloading the first shard's base inputs while torch loads, when nothing can make that wrong: a
+    fresh OUT (no journal, no lock holder, nothing pushed by it yet: the first shard is the first to merge),
+    the whole merge on this process, an OUT outside the inputs, and room on disk for everything. The runner
+    checks all of it again; a refusal removes the download (`merge_planned`)."""
+    plan, base_src, adapter_srcs, _ = planned
+    if (base_src.kind != "hub" or cfg.output is None or cfg.dry_run or cfg.worker is not None
+            or cfg.ray is not None or not plan.shards):
+        return False
+    out = Path(cfg.output).expanduser()
+    if out.exists():
+        return False
+    from .disk_space import check_disk
+
+    try:
+        check_output_location(out, base_src, adapter_srcs)
+        todo = [s.file for s in plan.shards]
+        check_disk(out, plan, todo, base_src.disk_need(plan.inputs_of(todo), cfg.prefetch),
+                   keep_outputs=cfg.local_copy)
+    except StreamMergeError:
+        return False  # the runner says why, before anything is downloaded
+    for file in plan.shards[0].inputs:
+        base_src.prefetch(file)
+    return True
 
 
 def _import_runner() -> None:

@@ -220,9 +220,9 @@ def progress_callback(plan: MergePlan, wanted: set[str], progress: bool | Progre
 
 
 class Arrivals:
-    """Bytes of downloaded files as they arrive, each file's count capped at its size, for a progress callback.
-    `bar(file, base)` is a class for huggingface_hub's `tqdm_class` that reports them; `finish(file)` reports
-    the rest of a file that was complete (where the client reported fewer bytes, or none)."""
+    """Bytes of downloaded files as they arrive, each file's count capped at its size, for a progress callback
+    (`add`, fed by a `counting_bar`); `finish(file)` reports the rest of a file that was complete (where the
+    client reported fewer bytes, or none)."""
 
     def __init__(self, report: Progress, sizes: dict[str, int]) -> None:
         self.report, self.sizes = report, sizes
@@ -240,19 +240,20 @@ class Arrivals:
     def finish(self, file: str) -> None:
         self.add(file, self.sizes.get(file, 0))
 
-    def bar(self, file: str, base: type) -> type:
-        """A subclass of `base` (huggingface_hub's silent bar) whose updates are bytes of `file`."""
-        arrivals = self
 
-        class _Arrived(base):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, initial: int = 0, **kwargs: Any) -> None:
-                super().__init__()
-                arrivals.add(file, int(initial or 0))  # resumed from an earlier partial download
+def counting_bar(base: type, add: Callable[[int], None]) -> type:
+    """A subclass of `base` (huggingface_hub's silent bar, for its `tqdm_class`) whose updates are bytes given
+    to `add`, including the `initial` bytes of a download resumed from an earlier partial file."""
 
-            def update(self, n: int | float | None = 1) -> None:
-                arrivals.add(file, int(n or 0))
+    class _Counted(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, initial: int = 0, **kwargs: Any) -> None:
+            super().__init__()
+            add(int(initial or 0))
 
-        return _Arrived
+        def update(self, n: int | float | None = 1) -> None:
+            add(int(n or 0))
+
+    return _Counted
 
 
 def watch_downloads(progress: bool | Progress, source: Any, files: Iterable[str]) -> None:

@@ -30,7 +30,7 @@ from .disk_space import check_disk as _check_disk, planned_disks, short_disk_err
 from .journal import SHARDS_DIR, Journal
 from .locking import out_lock
 from .partition import parse_worker, split
-from .planning import Planned, plan_merge, remove_download_area
+from .planning import Planned, check_output_location, plan_merge, remove_download_area
 from .platform_support import check_platform, peak_rss_bytes
 from .progress import Progress, watch_downloads, watch_uploads
 from .records import MergePlan, MergeReport, ShardResult
@@ -58,13 +58,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
-    o = out.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if o == p or p in o.parents or o in p.parents:
-            raise OutputError(f"output folder {str(out)!r} overlaps input {str(p)!r}", file=str(out),
-                              fix="choose an output folder outside the base and adapter folders")
 
 
 
@@ -237,7 +230,7 @@ def _start(cfg: MergeConfig, plan: MergePlan, base_src: Source, adapter_srcs: li
     """Everything a merge decides before it touches OUT (beyond creating it)."""
     out = Path(cfg.output).expanduser()
     _require_text(out, base_src, adapter_srcs)
-    _check_output_location(out, [p for s in [base_src, *adapter_srcs] if (p := s.protected) is not None])
+    check_output_location(out, base_src, adapter_srcs)
     device = _resume_device(out) if cfg.device == "auto" else None
     device = device or resolve_device(cfg.device)
     mine = _partition(cfg, plan)

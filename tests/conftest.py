@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -99,3 +100,12 @@ def forget_digests(out: Path, files: set[str] | None = None) -> None:
             e["sha256"] = None
             e.pop("xxh3_128", None)  # older versions did not know the field
     (out / "stream_merge.json").write_text(json.dumps(record))
+
+
+def wait_until(cond, what: str, limit: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll `cond` until it holds; fail naming `what` after `limit` seconds (a broken pipeline fails, never hangs)."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.005)

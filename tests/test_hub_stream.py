@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import wait_until
+
 from stream_merge.errors import HubError, RedoFromFile
 from stream_merge.hub_cache import RemoteFile
 from stream_merge.hub_follow import PartialFollower
@@ -71,12 +73,6 @@ def _streamed(folder: Path, data: bytes, shard: Path) -> tuple[ShardStream, Part
     return stream, follower, StreamedShardReader(stream, read_header_file(shard))
 
 
-def _wait(cond, what: str, limit: float = 30.0) -> None:
-    end = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < end, f"gave up waiting: {what}"
-        time.sleep(0.01)
-
 
 def test_a_read_waits_for_its_bytes_and_the_verdict_vouches_for_them(shard: Path, tmp_path: Path) -> None:
     data = shard.read_bytes()
@@ -90,7 +86,7 @@ def test_a_read_waits_for_its_bytes_and_the_verdict_vouches_for_them(shard: Path
     t.start()
     cut = header.data_offset + last.start + 10
     part.write(data[:cut])
-    _wait(lambda: follower._done >= cut, "the follower hashed the first part")
+    wait_until(lambda: follower._done >= cut, "the follower hashed the first part")
     time.sleep(0.1)
     assert t.is_alive()  # the last tensor's bytes are not there yet: the read waits
     part.write(data[cut:])
@@ -160,7 +156,7 @@ def test_a_download_that_ends_short_or_restarts_from_zero_is_a_redo_never_a_cras
     stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
     part = _Partial(tmp_path / "dl", _entry(data).etag)
     part.write(data[:1_000_000])
-    _wait(lambda: follower._done >= 1_000_000, "hashed")
+    wait_until(lambda: follower._done >= 1_000_000, "hashed")
     part.f.truncate(0)
     with pytest.raises(RedoFromFile):
         reader.view(500_000 - read_header_file(shard).data_offset, 200_000)
@@ -243,9 +239,9 @@ def _merge_holding(hub, model: dict, out: Path, name: str, monkeypatch) -> None:
     t = threading.Thread(target=run)
     t.start()
     try:
-        _wait(hold.held.is_set, "the server reached the hold")
+        wait_until(hold.held.is_set, "the server reached the hold")
         data_offset = read_header_file(model["base"] / name).data_offset
-        _wait(lambda: any(f == name and end > data_offset + 100_000 for f, end in reads),
+        wait_until(lambda: any(f == name and end > data_offset + 100_000 for f, end in reads),
               "a read of the held shard's data while it downloads")
     finally:
         hold.released.set()

@@ -147,11 +147,11 @@ def test_quiet_reporter_prints_nothing_in_any_phase() -> None:
 
 
 def test_arrivals_count_each_file_once_up_to_its_size() -> None:
-    from stream_merge.progress import Arrivals
+    from stream_merge.progress import Arrivals, counting_bar
 
     got: list[tuple[int, str]] = []
     a = Arrivals(lambda n, f: got.append((n, f)), {"a": 10})
-    bar = a.bar("a", object)(total=10, initial=3)  # resumed from 3 bytes of an earlier partial download
+    bar = counting_bar(object, lambda n: a.add("a", n))(total=10, initial=3)  # resumed from 3 bytes
     bar.update(5)
     bar.update(5)  # more than the file holds (a retried download): capped
     a.finish("a")

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
+
+from conftest import wait_until
 
 from stream_merge.push_lanes import Lanes
 
 WAIT_S = 30.0  # a bound on every wait of these tests, so a broken pipeline fails instead of hanging
 
-
-def _until(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.005)
 
 
 class Gated:
@@ -89,9 +83,9 @@ def test_the_first_stage_of_the_next_item_runs_while_the_second_stage_is_busy() 
     lanes: Lanes[int, int] = Lanes(g.first, g.second, max_pending=None, name="t")
     g.open_first(1, 2)
     lanes.put(1)
-    _until(lambda: g.seconds == [[10]], "item 1 in the second stage")
+    wait_until(lambda: g.seconds == [[10]], "item 1 in the second stage")
     lanes.put(2)
-    _until(lambda: g.firsts == [[1], [2]] and lanes.before_first == 0, "item 2 through the first stage")
+    wait_until(lambda: g.firsts == [[1], [2]] and lanes.before_first == 0, "item 2 through the first stage")
     assert g.seconds == [[10]]  # item 1's second stage is still running (its gate is closed)
     g.open_second(1, 2)
     lanes.join()
@@ -103,10 +97,10 @@ def test_results_waiting_for_the_second_stage_go_together_in_order() -> None:
     lanes: Lanes[int, int] = Lanes(g.first, g.second, max_pending=None, name="t")
     g.open_first(1, 2, 3, 4)
     lanes.put(1)
-    _until(lambda: g.seconds == [[10]], "item 1 in the second stage")
+    wait_until(lambda: g.seconds == [[10]], "item 1 in the second stage")
     for i in (2, 3, 4):
         lanes.put(i)
-        _until(lambda: lanes.before_first == 0, f"item {i} through the first stage")
+        wait_until(lambda: lanes.before_first == 0, f"item {i} through the first stage")
     g.open_second(1, 2, 3, 4)
     lanes.join()
     assert g.seconds == [[10], [20, 30, 40]]
@@ -122,9 +116,9 @@ def test_a_first_stage_error_stops_both_stages_and_is_raised() -> None:
 
     lanes: Lanes[int, int] = Lanes(first, seconds.extend, max_pending=None, name="t")
     lanes.put(1)
-    _until(lambda: seconds == [1], "item 1 through both stages")
+    wait_until(lambda: seconds == [1], "item 1 through both stages")
     lanes.put(2)
-    _until(lambda: lanes.error is not None, "the error")
+    wait_until(lambda: lanes.error is not None, "the error")
     with pytest.raises(ValueError, match="upload of 2"):
         lanes.put(3)  # refused: nothing more is handed over
     with pytest.raises(ValueError, match="upload of 2"):
@@ -144,7 +138,7 @@ def test_a_second_stage_error_stops_both_stages_and_is_raised() -> None:
 
     lanes: Lanes[int, int] = Lanes(first, second, max_pending=None, name="t")
     lanes.put(1)
-    _until(lambda: lanes.error is not None, "the error")
+    wait_until(lambda: lanes.error is not None, "the error")
     with pytest.raises(OSError, match=r"commit of \[1\] failed"):
         lanes.put(2)
     with pytest.raises(OSError, match=r"commit of \[1\] failed"):
@@ -170,17 +164,17 @@ def test_put_waits_for_the_upload_bound_then_for_the_commit_bound() -> None:
     g = Gated()
     lanes: Lanes[int, int] = Lanes(g.first, g.second, max_pending=1, name="t")
     lanes.put(1)  # returns at once: one item before the first stage
-    _until(lambda: g.firsts == [[1]], "item 1 in the first stage, alone")
+    wait_until(lambda: g.firsts == [[1]], "item 1 in the first stage, alone")
     t2, err2 = _put_on_thread(lanes, 2)
     t2.join(0.2)
     assert t2.is_alive()  # two items not uploaded
     g.open_first(1)
     t2.join(WAIT_S)
     assert not t2.is_alive() and not err2
-    _until(lambda: g.seconds == [[10]], "item 1 in the second stage")  # ... and stays there (gate closed)
+    wait_until(lambda: g.seconds == [[10]], "item 1 in the second stage")  # ... and stays there (gate closed)
     t3, err3 = _put_on_thread(lanes, 3)
     g.open_first(2, 3)
-    _until(lambda: lanes.before_first == 0, "items 2 and 3 through the first stage")
+    wait_until(lambda: lanes.before_first == 0, "items 2 and 3 through the first stage")
     t3.join(0.2)
     assert t3.is_alive() and lanes.before_second == 3  # the commit bound holds it: 1 committing, 2 and 3 waiting
     g.open_second(1)

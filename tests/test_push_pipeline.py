@@ -15,19 +15,13 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from conftest import wait_until
 from stream_merge.errors import HubError
 
 pytestmark = pytest.mark.hub
 WAIT_S = 30.0  # a bound on every wait, so a pipeline that does not overlap fails instead of hanging
 INDEX = "model.safetensors.index.json"
 
-
-def _until(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.005)
 
 
 def _shards(out: Path, n: int, size: int = 1 << 20) -> dict[str, bytes]:
@@ -123,7 +117,7 @@ def test_the_next_shard_uploads_while_the_previous_one_is_committed(pusher_env, 
     p = Pusher.open("org/merged", out, list(files))
     overlapped = _slow_first_commit(p, lambda: _put_done(hub, sha2))
     p.submit("model-1.safetensors", sha1, xxh3_128=xxh1)
-    _until(lambda: _put_done(hub, sha1), "shard 1 uploaded")  # shard 1 goes alone, shard 2 is handed over after
+    wait_until(lambda: _put_done(hub, sha1), "shard 1 uploaded")  # shard 1 goes alone, shard 2 is handed over after
     p.submit("model-2.safetensors", sha2, xxh3_128=xxh2)
     p.finish([])
     assert overlapped == [True]
@@ -206,7 +200,7 @@ def test_a_failed_stage_stops_the_push_and_is_named(pusher_env, tmp_path: Path, 
     digests = [_digests(d) for d in files.values()]
     p = Pusher.open("org/merged", out, list(files), local_copy=False)
     p.submit("model-1.safetensors", digests[0][0], xxh3_128=digests[0][1])
-    _until(lambda: not (out / "model-1.safetensors").exists(), "shard 1 committed and deleted")
+    wait_until(lambda: not (out / "model-1.safetensors").exists(), "shard 1 committed and deleted")
     if stage == "upload":
         hub.fail(f"/_lfs/upload/{digests[1][0]}", 400, times=None, methods=["PUT"])
     else:
@@ -269,7 +263,7 @@ def test_without_a_local_copy_at_most_one_more_shard_waits_for_its_commit(pusher
     p = Pusher.open("org/merged", out, list(files), local_copy=False)
     held = _slow_first_commit(p, release.is_set)
     p.submit("model-1.safetensors", digests[0][0], xxh3_128=digests[0][1])
-    _until(lambda: _put_done(hub, digests[0][0]), "shard 1 uploaded")
+    wait_until(lambda: _put_done(hub, digests[0][0]), "shard 1 uploaded")
     p.submit("model-2.safetensors", digests[1][0], xxh3_128=digests[1][1])
     done = threading.Event()
 
@@ -278,7 +272,7 @@ def test_without_a_local_copy_at_most_one_more_shard_waits_for_its_commit(pusher
         done.set()
 
     threading.Thread(target=third, daemon=True).start()
-    _until(lambda: _put_done(hub, digests[2][0]), "shard 3 uploaded while shard 1's commit is held")
+    wait_until(lambda: _put_done(hub, digests[2][0]), "shard 3 uploaded while shard 1's commit is held")
     assert not done.wait(0.2) and sum((out / n).exists() for n in files) == MAX_HELD == 3
     release.set()
     assert done.wait(WAIT_S) and held == [True]
