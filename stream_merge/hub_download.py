@@ -38,6 +38,11 @@ T = TypeVar("T")
 FOLLOW_MIN = 1 << 20            # LFS files at least this big are hashed while they download
 
 
+class DownloadStopped(Exception):
+    """The source was closed while a shard downloaded (raised from the progress hook, so huggingface_hub stops
+    writing at once; the download's future, which nobody waits for any more, gets it)."""
+
+
 class ShardDownloads:
     """The download half of `HubSource` (a base class: the attributes below are the source's)."""
 
@@ -60,6 +65,8 @@ class ShardDownloads:
         self._arrivals: Arrivals | None = None
         self._arrived: dict[str, int] = {}  # bytes of each download so far, reported or not
         self._complete: list[str] = []      # downloads finished and checked
+        self._stopping = False
+        self._thread: threading.Thread | None = None
 
     @property
     def arrivals(self) -> Arrivals | None:
@@ -79,6 +86,8 @@ class ShardDownloads:
                     watcher.finish(name)
 
     def _arrive(self, name: str, n: int = 0, complete: bool = False) -> None:
+        if self._stopping and not complete:
+            raise DownloadStopped(name)  # out of huggingface_hub's chunk loop: the download ends here
         with self._arrival_lock:
             if complete:
                 self._complete.append(name)
@@ -107,8 +116,9 @@ class ShardDownloads:
                 return
             if self._queue is None:
                 self._queue = queue.Queue()
-                threading.Thread(target=self._worker, args=(self._queue,), name="stream-merge-download",
-                                 daemon=True).start()
+                self._thread = threading.Thread(target=self._worker, args=(self._queue,),
+                                                name="stream-merge-download", daemon=True)
+                self._thread.start()
             fut: Future[Path] = Future()
             self._futures[file] = fut
             self._streams[file] = ShardStream(file, fut)
@@ -154,6 +164,7 @@ class ShardDownloads:
         """Stop the download thread; after a complete merge remove what this source left in its download area
         (shards it downloaded and did not release, their bookkeeping) and the area's folders once empty."""
         with self._lock:
+            self._stopping = True  # a download in progress stops at its next chunk (`_arrive`)
             for fut in self._futures.values():
                 fut.cancel()
             if self._queue is not None:
@@ -164,6 +175,13 @@ class ShardDownloads:
             self.release(file)
         if complete and self.download_dir is not None:
             remove_empty_area(self.download_dir)
+
+    def stop_downloads(self, timeout: float = 30.0) -> None:
+        """`close`, then wait (at most `timeout` s) until the download thread has stopped writing, so that its
+        area can be removed without a download recreating it."""
+        self.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _worker(self, q: queue.Queue[tuple[str, Future[Path]] | None]) -> None:
         while (item := q.get()) is not None:

@@ -1,9 +1,10 @@
 """Resolve the inputs and plan a merge without torch, so that planning (Hub lookups, shard headers over HTTP,
 the adapter's header) runs while torch loads.
 
-`plan` and `merge --dry-run` never need torch for the plan itself; a merge (`merge_planned`) imports the
-runner, and with it torch, on a thread while the main thread plans: importing torch holds the GIL for only
-part of its time, and planning a Hub base is mostly waiting for the network.
+`plan` never imports torch; a merge (`merge_planned`) imports the runner, and with it torch, on a thread
+while the main thread plans and, for a fresh merge of a Hub base, starts downloading the first shard
+(`_start_first_download`): importing torch holds the GIL for only part of its time, and planning and
+downloading are mostly waiting for the network, so the first shard's download no longer waits for torch.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def merge_planned(cfg: MergeConfig, progress: Any = False) -> MergeReport:
         return run(cfg, progress, planned=planned)
     except BaseException:
         if early and out is not None:  # refused before it merged: leave no trace of the early download
+            stop = getattr(planned[1], "stop_downloads", None)
+            if stop is not None:
+                stop()
             remove_download_area(out)
             if fresh:
                 with contextlib.suppress(OSError):

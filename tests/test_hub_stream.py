@@ -302,3 +302,46 @@ def test_a_download_that_fails_mid_shard_stops_the_merge_naming_it(hub_run, mode
     assert not (out / name).exists()
     assert not [p for p in out.iterdir() if p.name.startswith(name) or p.suffix == ".tmp"]
     assert (out / model["shards"][0]).exists()  # the shard before it is finished and kept
+
+
+def _import_after_first_download(hub, first: str, monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
+    """Make the runner's (torch's) import wait, boundedly, until the server has begun sending shard `first`;
+    returns [whether it had]."""
+    from stream_merge import planning
+
+    seen: list[bool] = []
+    real = planning._import_runner
+
+    def slow_import() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _full_gets(hub, first):
+            time.sleep(0.01)
+        seen.append(bool(_full_gets(hub, first)))
+        real()
+
+    monkeypatch.setattr(planning, "_import_runner", slow_import)
+    return seen
+
+
+def test_a_fresh_hub_merge_downloads_its_first_shard_while_torch_loads(hub_run, model, tmp_path, monkeypatch) -> None:
+    """The runner (torch) is imported on a thread while planning runs; here that import waits until the first
+    shard's download has started: with a download that waits for the runner, it never does."""
+    out = tmp_path / "out"
+    seen = _import_after_first_download(hub_run, model["shards"][0], monkeypatch)
+    _merge(out)
+    assert seen == [True]
+    _same(out, model)
+    assert all(len(_full_gets(hub_run, s)) == 1 for s in model["shards"])  # downloaded once, early or not
+
+
+def test_a_merge_refused_after_its_early_download_leaves_no_output_folder(hub_run, model, tmp_path,
+                                                                          monkeypatch) -> None:
+    from stream_merge.errors import OutputError
+
+    seen = _import_after_first_download(hub_run, model["shards"][0], monkeypatch)
+    out = tmp_path / "out-\udcff"  # not UTF-8: the runner refuses it (the record and the card hold it as text)
+    with pytest.raises(OutputError, match="UTF-8"):
+        _merge(out)
+    assert seen == [True]  # refused while the early download was under way (it had created OUT)
+    time.sleep(0.5)  # the stopped download thread writes nothing more
+    assert not os.path.lexists(out)
