@@ -345,3 +345,29 @@ def test_a_merge_refused_after_its_early_download_leaves_no_output_folder(hub_ru
     assert seen == [True]  # refused while the early download was under way (it had created OUT)
     time.sleep(0.5)  # the stopped download thread writes nothing more
     assert not os.path.lexists(out)
+
+
+def test_our_downloads_read_small_chunks_and_leave_huggingface_hubs_setting_alone(pusher_env, model, tmp_path,
+                                                                                  monkeypatch) -> None:
+    """huggingface_hub gathers 10 MiB chunks by default, at about 5 CPU-s per GB; ours use 64 KiB, and the
+    user's setting is back once the download returns."""
+    from huggingface_hub import constants
+
+    from stream_merge import hub_download
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    pusher_env.add_commit("org/lora", {p.name: p for p in model["adapter"].iterdir()})
+    pusher_env.add_commit("org/base", {p.name: p for p in model["base"].iterdir()})
+    before = constants.DOWNLOAD_CHUNK_SIZE
+    seen: list[int] = []
+    real = hub_download.hf_hub_download
+
+    def download(*a, **k):  # type: ignore[no-untyped-def]
+        seen.append(constants.DOWNLOAD_CHUNK_SIZE)
+        return real(*a, **k)
+
+    monkeypatch.setattr(hub_download, "hf_hub_download", download)
+    _merge(tmp_path / "out")
+    _same(tmp_path / "out", model)
+    assert before > hub_download.DOWNLOAD_CHUNK and seen and set(seen) == {hub_download.DOWNLOAD_CHUNK}
+    assert constants.DOWNLOAD_CHUNK_SIZE == before
