@@ -549,6 +549,7 @@ for i in range(trials):
     if pid == 0:
         # as in `python -m stream_merge`: SIGINT raises KeyboardInterrupt, and cli.main maps SIGTERM onto it
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # cli.main handles it even if inherited ignored
         os.write(w, b"go")
         try:
             k = 0
