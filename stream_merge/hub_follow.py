@@ -36,6 +36,7 @@ class PartialFollower:
         self._before = set(self._candidates())
         self._stop = threading.Event()
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()  # `dup` never sees a descriptor number that `close` has freed
         self._hash = hashlib.sha256()
         self._done = 0
         self._error: BaseException | None = None
@@ -80,10 +81,11 @@ class PartialFollower:
                 self._grew.notify_all()
         return bool(buf)
 
-    def dup(self) -> int:
-        """A new descriptor of the partial file (valid after the rename and after `close`); needs `opened`."""
-        assert self._fd is not None
-        return os.dup(self._fd)
+    def dup(self) -> int | None:
+        """A new descriptor of the partial file (valid after the rename and after `close`), or None once the
+        follower is closed (its number may then name another file: the download is over, read the result)."""
+        with self._fd_lock:
+            return None if self._fd is None else os.dup(self._fd)
 
     def wait_for(self, end: int, abandoned: threading.Event) -> bool:
         """Wait until the first `end` bytes have arrived and been hashed; False when they never will (the download
@@ -118,9 +120,10 @@ class PartialFollower:
         with self._grew:
             self._finished = True
             self._grew.notify_all()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> PartialFollower:
         return self

@@ -78,11 +78,12 @@ class StreamedShardReader(ShardReader):
             if self._fd >= 0 or self._plain is not None:
                 return
             follower = self._stream.wait_start(self._abandoned)
-            if follower is None:  # over: the checked file, with every check of a local file
+            fd = None if follower is None else follower.dup()
+            if fd is None:  # over (or closing): the checked file, with every check of a local file
                 self._plain = ShardReader(self._stream.result.result(), self.header)
                 self.path, self._fd = self._plain.path, self._plain._fd
                 return
-            self._follower, self._fd = follower, follower.dup()
+            self._follower, self._fd = follower, fd
 
     def _ready(self, start: int, end: int) -> None:
         if not self._follower.wait_for(end, self._abandoned):  # type: ignore[union-attr]

@@ -124,6 +124,44 @@ def test_bytes_read_early_are_refused_unless_that_download_vouches_for_them(shar
     reader.close()
 
 
+def test_a_reader_attaching_as_the_download_closes_its_follower_reads_the_checked_file(shard: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The race of a CI failure (EBADF): the reader saw an opened follower of a download still running, and the
+    download closed the follower before the reader took its own descriptor. It must neither crash nor duplicate a
+    freed descriptor number (which may by then name another file); it reads the checked file instead."""
+    data = shard.read_bytes()
+    stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
+    part = _Partial(tmp_path / "dl", _entry(data).etag)
+    part.write(data)
+    wait_until(follower.opened.is_set, "the follower opened the partial file")
+    final = part.finish(tmp_path / "model.safetensors")
+    follower.verdict(final)
+    follower.close()  # the download's end closes the follower: its descriptor number is free again
+    reuse = os.open(os.devnull, os.O_RDONLY)  # and another file may take that number
+    try:
+        got: dict[str, object] = {}
+
+        def read() -> None:
+            try:
+                got["head"] = bytes(reader.view(0, 64))
+            except BaseException as exc:  # noqa: BLE001
+                got["error"] = exc
+
+        t = threading.Thread(target=read)
+        t.start()  # the download's result is not set yet: the reader waits for it
+        time.sleep(0.1)
+        stream.verified(follower)
+        stream.result.set_result(final)
+        t.join(10)
+        offset = read_header_file(shard).data_offset
+        assert got.get("head") == data[offset:offset + 64], got
+        assert reader.path == final
+        reader.confirm()
+    finally:
+        os.close(reuse)
+        reader.close()
+
+
 def test_abandon_wakes_a_read_waiting_for_bytes_that_do_not_come(shard: Path, tmp_path: Path) -> None:
     data = shard.read_bytes()
     stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
