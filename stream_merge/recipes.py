@@ -33,8 +33,9 @@ class Recipe:
     """How one tensor is merged, decided once per tensor.
 
     rule: "add" | "add_rounded" | "dora" | "replace" | "fp8" (see the module docstring).
-    base: where the base rows come from: "map" (a map of the base block), "read" (copied into the output
-    buffer: scalars), "adapter" (a replacement tensor), "fp8" (values and block scales).
+    base: where the base rows come from: "map" (the block, read from the base shard: a positioned read on the
+    CPU, a map in the device pipeline), "read" (copied into the output buffer: scalars), "adapter" (a
+    replacement tensor), "fp8" (values and block scales).
     delta: "none" (no factors), "one" (one LoRA with weight 1 into per-thread scratch), "sum" (Σ wᵢ·Δᵢ).
     check_finite: run the NaN/Inf pass on each block (skipped only where overflow is provably impossible).
     """
