@@ -46,13 +46,17 @@ class ShardStream:
         """The downloaded file's digest matched; from the bytes `follower` handed out, when it says so."""
         self.verified_by = follower if follower is not None and follower.streamed else None
 
-    def wait_start(self, abandoned: threading.Event) -> PartialFollower | None:
-        """The follower of a download that has started writing, or None once the download has ended (then the
-        checked file is read as a plain file). Raises RedoFromFile when `abandoned`."""
+    def wait_start(self, abandoned: threading.Event) -> tuple[PartialFollower, int] | None:
+        """The follower of a download that has started writing, with a descriptor of its partial file of our own,
+        or None once the download has ended (then the checked file is read as a plain file). A follower closed as
+        we come (its attempt ended) is passed over for the next attempt's or the result. Raises RedoFromFile when
+        `abandoned`."""
         while not self.result.done():
             follower = self.follower
             if follower is not None and follower.opened.is_set():
-                return follower
+                fd = follower.dup()
+                if fd is not None:
+                    return follower, fd
             if abandoned.wait(_POLL_S):
                 raise RedoFromFile(self.file)
         return None
@@ -77,13 +81,12 @@ class StreamedShardReader(ShardReader):
         with self._attach_lock:
             if self._fd >= 0 or self._plain is not None:
                 return
-            follower = self._stream.wait_start(self._abandoned)
-            fd = None if follower is None else follower.dup()
-            if fd is None:  # over (or closing): the checked file, with every check of a local file
+            started = self._stream.wait_start(self._abandoned)
+            if started is None:  # over: the checked file, with every check of a local file
                 self._plain = ShardReader(self._stream.result.result(), self.header)
                 self.path, self._fd = self._plain.path, self._plain._fd
                 return
-            self._follower, self._fd = follower, fd
+            self._follower, self._fd = started
 
     def _ready(self, start: int, end: int) -> None:
         if not self._follower.wait_for(end, self._abandoned):  # type: ignore[union-attr]

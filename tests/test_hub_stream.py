@@ -162,6 +162,44 @@ def test_a_reader_attaching_as_the_download_closes_its_follower_reads_the_checke
         reader.close()
 
 
+def test_a_reader_passes_over_a_follower_closed_by_a_failed_attempt_for_the_retry(shard: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The same race on a retry: the first attempt's follower is closed (its download failed) as the reader
+    comes. The reader neither blocks on the whole retry nor misses it: it reads the retry's partial file as it
+    grows, and the retry's verdict vouches for those bytes."""
+    data = shard.read_bytes()
+    stream, first, reader = _streamed(tmp_path / "dl", data, shard)
+    part = _Partial(tmp_path / "dl", _entry(data).etag)
+    part.write(data[:1000])
+    wait_until(first.opened.is_set, "the first attempt's follower opened its partial file")
+    first.close()  # attempt 1 failed; attempt 2 has not started yet
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            got["head"] = bytes(reader.view(0, 64))
+        except BaseException as exc:  # noqa: BLE001
+            got["error"] = exc
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(0.1)
+    second = PartialFollower(tmp_path / "dl", _entry(data))
+    stream.attempt(second)
+    retry = _Partial(tmp_path / "dl", _entry(data).etag)
+    retry.write(data)
+    t.join(10)  # the result is not set: a reader waiting for it would still be waiting
+    offset = read_header_file(shard).data_offset
+    assert got.get("head") == data[offset:offset + 64], got
+    final = retry.finish(tmp_path / "model.safetensors")
+    assert second.verdict(final)[0] and second.streamed
+    second.close()
+    stream.verified(second)
+    stream.result.set_result(final)
+    reader.confirm()  # the retry's digest vouches for the bytes read
+    reader.close()
+
+
 def test_abandon_wakes_a_read_waiting_for_bytes_that_do_not_come(shard: Path, tmp_path: Path) -> None:
     data = shard.read_bytes()
     stream, follower, reader = _streamed(tmp_path / "dl", data, shard)
