@@ -272,20 +272,25 @@ class ShardReader:
                 raise CheckpointFormatError("unexpected end of file while reading", file=str(self.path))
             done += got
 
-    def read_rows(self, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of a tensor (along dim 0) as a new CPU tensor of its dtype."""
+    def read_rows(self, info: TensorInfo, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [r0, r1) of a tensor (along dim 0) as a CPU tensor of its dtype: a new one, or `out` (contiguous,
+        of that dtype and shape: reused scratch, so that a block read allocates nothing)."""
         import torch
 
         from .torch_dtypes import TORCH_DTYPES
 
         row_elems = numel(info.shape[1:])
         itemsize = DTYPE_SIZES[info.dtype]
-        buf = bytearray((r1 - r0) * row_elems * itemsize)
-        if buf:
-            self.read_into(info.start + r0 * row_elems * itemsize, memoryview(buf))
-        t = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]) if buf else torch.empty(
-            0, dtype=TORCH_DTYPES[info.dtype])
-        return t.reshape((r1 - r0, *info.shape[1:])) if info.shape else t.reshape(())
+        nbytes = (r1 - r0) * row_elems * itemsize
+        if out is None:
+            buf = bytearray(nbytes)
+            t = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]) if buf else torch.empty(
+                0, dtype=TORCH_DTYPES[info.dtype])
+            out = t.reshape((r1 - r0, *info.shape[1:])) if info.shape else t.reshape(())
+        if nbytes:
+            self.read_into(info.start + r0 * row_elems * itemsize,
+                           memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
 
     def read_tensor(self, info: TensorInfo) -> torch.Tensor:
         if not info.shape:

@@ -115,8 +115,9 @@ class _TensorMerge:
     def _take(self, slot: str, shape: Sequence[int]) -> torch.Tensor:
         return self.scratch.take(slot, shape, self.dev)
 
-    def base_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Base rows [r0, r1) in the base dtype, copied (for the rare re-read of the NaN/Inf check)."""
+    def base_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Base rows [r0, r1) in the base dtype, copied: into `out` (a block's scratch) or a new tensor (the
+        rare re-read of the NaN/Inf check)."""
         tp = self.tp
         if tp.replace is not None:
             rep = self.adapters[tp.replace.adapter]
@@ -125,7 +126,7 @@ class _TensorMerge:
         if not tp.shape:
             return self.reader.read_tensor(tp.source).reshape(1)
         info = TensorInfo(tp.source.name, tp.source.dtype, self.view_shape, tp.source.start, tp.source.end)
-        return self.reader.read_rows(info, r0, r1)
+        return self.reader.read_rows(info, r0, r1, out)
 
     def delta(self, r0: int, r1: int) -> torch.Tensor:
         if self.recipe.delta == "one":
@@ -158,22 +159,15 @@ class _TensorMerge:
             final.copy_(out)
             check_conversion(self.tp.name, out, final, f"rows {r0}..{r1}")
 
-    def _read_block(self, shape: Sequence[int], r0: int) -> torch.Tensor:
-        """The base rows of a block, read into this thread's scratch with one positioned read. Not a map of the
-        file: on a base larger than the page cache, faulting each block's pages in through a fresh map cost
-        1.8x the CPU of a read (77-96 against 38-40 user-seconds for 30 GB; `scripts/bench.py`), and a read
-        of a file that shrank is an error, never a SIGBUS."""
-        itemsize = DTYPE_SIZES[self.tp.source.dtype]
-        raw = self.scratch.take("raw", shape, torch.device("cpu"), self.dtype)
-        if raw.numel():
-            self.reader.read_into(self.tp.source.start + r0 * self.row_elems * itemsize,
-                                  memoryview(raw.reshape(-1).view(torch.uint8).numpy()))
-        return raw
-
     def _merge_into(self, out: torch.Tensor, r0: int, r1: int) -> None:
         recipe, tp = self.recipe, self.tp
         if recipe.base == "map":
-            merged = self.apply(self._read_block(out.shape, r0), out, r0, r1)
+            # a positioned read into this thread's scratch, not a map of the block: on a base larger than the
+            # page cache, faulting each block in through a fresh map took 77-96 user-s for 30 GB against 38-40
+            # user-s (+35-40 sys-s) read (cold cache, `scripts/bench.py`); and a read of a file that shrank is
+            # an error, never a SIGBUS
+            base = self.base_rows(r0, r1, self.scratch.take("raw", out.shape, torch.device("cpu"), self.dtype))
+            merged = self.apply(base, out, r0, r1)
         else:
             if recipe.base == "adapter":
                 replace_rows(self.base_rows(r0, r1), out)
